@@ -1,0 +1,27 @@
+"""Describe a cache file: manifest, counts per class, errors, complete or not (for `pipeline inspect`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .store import CacheReader
+
+
+def describe(path: str | Path) -> dict:
+    """A JSON-able summary of the cache at `path` (finished or not)."""
+    with CacheReader(path, allow_incomplete=True) as r:
+        names = r.class_names
+        counts = np.bincount(r.labels[r.labels >= 0], minlength=len(names)) if names else []
+        return {
+            "path": str(path),
+            "complete": r.complete,
+            "rows": r.n_rows,
+            "feature_dim": r.feature_dim,
+            "dtype": str(r.features.dtype),
+            "size_bytes": Path(path).stat().st_size,
+            "unlabeled": int((r.labels < 0).sum()),
+            "class_counts": {n: int(c) for n, c in zip(names, counts)},
+            "errors": [{"path": p, "reason": reason} for p, _, reason in r.errors],
+            "manifest": r.manifest,
+        }

@@ -1,0 +1,66 @@
+"""The manifest: everything that determines a cache's features, as plain JSON.
+
+A manifest is a dict of JSON types. `FEATURE_KEYS` are the fields that decide what a
+feature row is; two caches whose FEATURE_KEYS agree hold interchangeable rows, whatever
+their images. `differences()` names the fields that disagree, so a refusal can say which.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+FORMAT_VERSION = 1
+
+# Fields that decide the value of a feature row: mixing rows that differ in any is wrong.
+FEATURE_KEYS = (
+    "backbone",       # e.g. "vgg16"
+    "weights",        # torchvision weights name, "file:<name>", or "none"
+    "weights_sha256", # SHA-256 of the backbone state_dict actually used
+    "layer",          # cut point as a module path, e.g. "classifier.4" (fc7 after ReLU)
+    "feature_dim",    # D
+    "preprocessing",  # resize, crop, interpolation, mean, std
+    "precision",      # compute precision of the forward pass: "float32", "bfloat16", "float16"
+    "dtype",          # storage dtype of the features
+)
+
+
+def dumps(manifest: dict[str, Any]) -> str:
+    """Serialize a manifest as canonical JSON (sorted keys), the form stored in the file."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> dict[str, Any]:
+    """Parse a stored manifest."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    manifest = json.loads(text)
+    if not isinstance(manifest, dict):
+        raise ValueError("cache manifest is not a JSON object: the file is not a feature cache")
+    return manifest
+
+
+def feature_fingerprint(manifest: dict[str, Any]) -> str:
+    """SHA-256 over the FEATURE_KEYS: equal fingerprints mean interchangeable feature rows."""
+    subset = {k: manifest.get(k) for k in FEATURE_KEYS}
+    return hashlib.sha256(dumps(subset).encode()).hexdigest()
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], keys=FEATURE_KEYS) -> list[str]:
+    """Human-readable list of `keys` whose values differ, e.g. ["layer: 'fc6' vs 'fc7'"]."""
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = [f"{k}.{s}: {a.get(s)!r} vs {b.get(s)!r}"
+                       for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+                out.extend(sub)
+            else:
+                out.append(f"{k}: {_short(a)} vs {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,318 @@
+"""The HDF5 feature store: a crash-safe appending writer and a reader (in RAM or streamed).
+
+File layout (any HDF5 tool reads it):
+
+    features  (N, D) float16|float32, chunked by rows (~1 MiB a chunk), uncompressed
+    labels    (N,)   int64, -1 for unlabeled
+    paths     (N,)   UTF-8 strings, relative to the source root
+    digests   (N,)   SHA-256 hex of each image file
+    errors    (M,)   compound (path, digest, reason): images that could not be used
+    attrs: manifest (JSON), format_version, committed_rows, committed_errors, complete
+
+Crash safety (DESIGN.md): rows are written, the file flushed, and only then the
+`committed_rows` marker advanced and flushed again. A SIGKILL at any point leaves a file
+that reopens with every committed batch intact; rows past the marker are discarded on
+resume. The writer works on `CACHE.h5.partial`; `finish()` marks it complete, fsyncs it
+and renames it into place, so a file under its final name is always complete.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from . import manifest as mf
+
+_STR = h5py.string_dtype("utf-8")
+_DIGEST = "S64"
+_ERROR = np.dtype([("path", _STR), ("digest", _DIGEST), ("reason", _STR)])
+_CHUNK_BYTES = 1 << 20
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where an unfinished cache for `path` lives."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def rows_per_chunk(feature_dim: int, dtype: str) -> int:
+    """Rows in one ~1 MiB chunk of the features dataset."""
+    return max(1, _CHUNK_BYTES // (feature_dim * np.dtype(dtype).itemsize))
+
+
+class CacheWriter:
+    """Appends committed batches to an (unfinished) cache file. Use `create` or `resume`."""
+
+    def __init__(self, path: Path, h5: h5py.File):
+        self.path = path
+        self._h5 = h5
+        self.manifest = mf.loads(h5.attrs["manifest"])
+
+    @classmethod
+    def create(cls, path: str | Path, manifest: dict) -> "CacheWriter":
+        """Start a new file at `path` (replacing any) for rows described by `manifest`."""
+        path = Path(path)
+        dim, dtype = int(manifest["feature_dim"]), manifest["dtype"]
+        h5 = h5py.File(path, "w")  # default libver: reopens after a kill (DESIGN.md)
+        try:
+            h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim),
+                              chunks=(rows_per_chunk(dim, dtype), dim))
+            for name, dt in (("labels", "int64"), ("paths", _STR), ("digests", _DIGEST)):
+                h5.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(4096,))
+            h5.create_dataset("errors", (0,), dtype=_ERROR, maxshape=(None,), chunks=(256,))
+            h5.attrs["manifest"] = mf.dumps(manifest)
+            h5.attrs["format_version"] = mf.FORMAT_VERSION
+            h5.attrs["committed_rows"] = 0
+            h5.attrs["committed_errors"] = 0
+            h5.attrs["complete"] = 0
+            h5.flush()
+        except BaseException:
+            h5.close()
+            raise
+        return cls(path, h5)
+
+    @classmethod
+    def resume(cls, path: str | Path) -> "CacheWriter":
+        """Reopen an unfinished file, dropping anything written after the last commit."""
+        path = Path(path)
+        h5 = h5py.File(path, "r+")
+        try:
+            _check_layout(h5, path)
+            n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
+            for name in ("features", "labels", "paths", "digests"):
+                if h5[name].shape[0] != n:
+                    h5[name].resize(n, axis=0)
+            if h5["errors"].shape[0] != m:
+                h5["errors"].resize(m, axis=0)
+            h5.flush()
+        except BaseException:
+            h5.close()
+            raise
+        return cls(path, h5)
+
+    @property
+    def committed_rows(self) -> int:
+        return int(self._h5.attrs["committed_rows"])
+
+    def committed(self) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
+        """(paths, digests, errors) of what is committed so far."""
+        return _read_index(self._h5)
+
+    def commit(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
+               digests: Sequence[str], errors: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Append one batch atomically: data, flush, then the markers, flush."""
+        h5, b = self._h5, len(paths)
+        n, m = self.committed_rows, int(h5.attrs["committed_errors"])
+        if features.shape != (b, h5["features"].shape[1]):
+            raise ValueError(f"batch features have shape {features.shape}, expected ({b}, "
+                             f"{h5['features'].shape[1]})")
+        if b:
+            for name, values in (("features", features), ("labels", np.asarray(labels, "int64")),
+                                 ("paths", np.array(paths, dtype=object)),
+                                 ("digests", np.array(digests, dtype=_DIGEST))):
+                h5[name].resize(n + b, axis=0)
+                h5[name][n:n + b] = values
+        if errors:
+            h5["errors"].resize(m + len(errors), axis=0)
+            h5["errors"][m:m + len(errors)] = np.array(
+                [(p, d.encode(), r) for p, d, r in errors], dtype=_ERROR)
+        h5.flush()
+        h5.attrs.modify("committed_rows", n + b)
+        h5.attrs.modify("committed_errors", m + len(errors))
+        h5.flush()
+
+    def finish(self, final_path: str | Path, manifest_updates: dict | None = None) -> Path:
+        """Close, then mark complete and rename into place (see `finish`)."""
+        self.close()
+        return finish(self.path, final_path, manifest_updates)
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CacheReader:
+    """Read access to a feature cache. Refuses unfinished files unless `allow_incomplete`.
+
+    The small per-row arrays (labels, paths, digests) are read eagerly; features stay on
+    disk until `load_features()` (all into RAM) or `iter_chunks()` (streamed).
+    """
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            hint = (f" (an unfinished one is at {partial_path(self.path)}: re-run the same "
+                    "extract command to finish it)") if partial_path(self.path).exists() else ""
+            raise ValueError(f"no cache at {self.path}{hint}")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"{self.path} is not a readable HDF5 feature cache: {e}") from None
+        try:
+            _check_layout(self._h5, self.path)
+            self.manifest = mf.loads(self._h5.attrs["manifest"])
+            self.complete = bool(self._h5.attrs["complete"])
+            if not self.complete and not allow_incomplete:
+                raise ValueError(f"{self.path} is an incomplete cache (extraction did not finish): "
+                                 "re-run extract to complete it, or allow incomplete caches")
+            self.n_rows = int(self._h5.attrs["committed_rows"])
+            self.labels = self._h5["labels"][: self.n_rows].astype(np.int64)  # (N,)
+            paths, digests, errors = _read_index(self._h5)
+            self.paths, self.digests, self.errors = paths, digests, errors
+        except BaseException:
+            self._h5.close()
+            raise
+
+    @property
+    def features(self) -> h5py.Dataset:
+        """The (N, D) features dataset on disk (rows past `n_rows` are not committed)."""
+        return self._h5["features"]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._h5["features"].shape[1])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.get("class_names", []))
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._h5["features"].chunks[0])
+
+    def load_features(self, dtype="float32") -> np.ndarray:
+        """All committed features in RAM as an (N, D) array of `dtype`."""
+        out = np.empty((self.n_rows, self.feature_dim), dtype=dtype)
+        for start, stop, block in self.iter_chunks():
+            out[start:stop] = block
+        return out
+
+    def read_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Features of arbitrary rows, in the order given, as float32 (N', D).
+
+        Reads contiguous runs as slices: HDF5 fancy indexing row by row is slow.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.feature_dim), dtype=np.float32)
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        if len(sorted_idx) and (sorted_idx[0] < 0 or sorted_idx[-1] >= self.n_rows):
+            raise IndexError(f"row index out of range 0..{self.n_rows - 1}")
+        breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+        pos = 0
+        for run in np.split(sorted_idx, breaks) if len(sorted_idx) else []:
+            block = self.features[run[0]: run[-1] + 1]
+            out[order[pos:pos + len(run)]] = block
+            pos += len(run)
+        return out
+
+    def iter_chunks(self, order: Sequence[int] | None = None
+                    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (start, stop, features[start:stop]) one whole HDF5 chunk at a time.
+
+        `order` is a permutation of chunk numbers (for shuffled streaming); default in order.
+        """
+        step = self.chunk_rows
+        n_chunks = -(-self.n_rows // step)
+        for c in (range(n_chunks) if order is None else order):
+            start, stop = c * step, min((c + 1) * step, self.n_rows)
+            yield start, stop, self.features[start:stop]
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def finish(partial: str | Path, final_path: str | Path, manifest_updates: dict | None = None) -> Path:
+    """Mark an unfinished cache complete, fsync it, and atomically rename it to `final_path`."""
+    with h5py.File(partial, "r+") as h5:
+        if manifest_updates:
+            h5.attrs["manifest"] = mf.dumps({**mf.loads(h5.attrs["manifest"]), **manifest_updates})
+        h5.attrs.modify("complete", 1)
+        h5.flush()
+    _fsync(Path(partial))
+    os.replace(partial, final_path)
+    _fsync(Path(final_path).resolve().parent)
+    return Path(final_path)
+
+
+def read_manifest(path: str | Path) -> tuple[dict, bool]:
+    """(manifest, complete) of a cache file, finished or not."""
+    with h5py.File(path, "r") as h5:
+        _check_layout(h5, Path(path))
+        return mf.loads(h5.attrs["manifest"]), bool(h5.attrs["complete"])
+
+
+def _check_layout(h5: h5py.File, path: Path) -> None:
+    missing = [k for k in ("features", "labels", "paths", "digests", "errors") if k not in h5]
+    if missing or "manifest" not in h5.attrs:
+        raise ValueError(f"{path} is an HDF5 file but not a feature cache "
+                         f"(missing: {', '.join(missing) or 'manifest'})")
+    version = int(h5.attrs.get("format_version", -1))
+    if version != mf.FORMAT_VERSION:
+        raise ValueError(f"{path} has cache format version {version}, this tool reads "
+                         f"{mf.FORMAT_VERSION}: re-extract it")
+
+
+def _read_index(h5: h5py.File) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
+    n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
+    paths = [p.decode("utf-8") for p in h5["paths"][:n]]
+    digests = [d.decode("ascii") for d in h5["digests"][:n]]
+    errors = [(e["path"].decode("utf-8"), e["digest"].decode("ascii"), e["reason"].decode("utf-8"))
+              for e in h5["errors"][:m]]
+    return paths, digests, errors
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
+             rows: Sequence[tuple[int, int, int, str, str]],
+             errors: Sequence[tuple[str, str, str]] = ()) -> Path:
+    """Write a complete cache at `dest` from rows of existing caches, without recomputing.
+
+    `rows` lists the output rows in order as (source number, source row, label, path,
+    digest). Used when an incremental re-extraction merges reused and new rows. The new
+    file is built under a temporary name and renamed into place, so `dest` is never torn.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".assembling")
+    writer = CacheWriter.create(tmp, manifest)
+    block = rows_per_chunk(int(manifest["feature_dim"]), manifest["dtype"]) * 8
+    try:
+        for start in range(0, len(rows), block):
+            part = rows[start:start + block]
+            feats = np.empty((len(part), int(manifest["feature_dim"])), dtype=manifest["dtype"])
+            src = np.array([r[0] for r in part])
+            src_rows = np.array([r[1] for r in part])
+            for s in np.unique(src):
+                mask = src == s
+                feats[mask] = sources[s].read_rows(src_rows[mask])
+            writer.commit(feats, [r[2] for r in part], [r[3] for r in part],
+                          [r[4] for r in part])
+        writer.commit(np.empty((0, int(manifest["feature_dim"])), manifest["dtype"]), [], [], [],
+                      errors)
+        return writer.finish(dest)
+    except BaseException:
+        writer.close()
+        raise

@@ -1,0 +1,91 @@
+"""`pipeline extract` and `pipeline inspect`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.config import ExtractConfig
+
+from .main_helpers import defaults, fail_on_value_error
+
+_D = defaults(ExtractConfig)
+_BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+
+
+@click.command("extract")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The HDF5 cache to write (CACHE.h5; CACHE.h5.partial while unfinished).")
+@click.option("--backbone", type=click.Choice(_BACKBONES), default=_D["backbone"], show_default=True,
+              help="Frozen network.")
+@click.option("--weights", default=_D["weights"], show_default=True,
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth state_dict, "
+                   "or 'none' for random init.")
+@click.option("--layer", default=_D["layer"], show_default=True,
+              help="Cut: fc7 (after its ReLU, the tutorial's), fc6, pool5, or a module path "
+                   "such as features.23.")
+@click.option("--image-size", type=click.IntRange(min=32), default=None,
+              help="Input crop size; default: the weights' own (224).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"], show_default=True,
+              help="Images per forward pass and per committed batch.")
+@click.option("--workers", type=int, default=_D["workers"], show_default=True,
+              help="Decoding processes; -1: automatic.")
+@click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=_D["dtype"],
+              show_default=True, help="Storage dtype of the features.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default=_D["precision"], show_default=True,
+              help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
+@click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
+              "with other settings.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any image had to be skipped.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+@fail_on_value_error
+def extract_command(source: Path, output: Path, quiet: bool, **options) -> None:
+    """Run the frozen backbone over the images in SOURCE and cache the activations in -o.
+
+    SOURCE is a folder of class sub-folders (ImageFolder layout), a folder of unlabeled
+    images, or a .csv/.tsv list of path[,label]. Re-running the same command resumes an
+    interrupted run, or updates the cache for added, changed and removed images.
+    """
+    from pipeline.extract import extract
+
+    config = ExtractConfig(**options, progress=False if quiet else None)
+    summary = extract(source, output, config)
+    for path, reason in summary.bad[:20]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if len(summary.bad) > 20:
+        click.echo(f"... and {len(summary.bad) - 20} more skipped (see `pipeline inspect`)", err=True)
+    click.echo(summary.line())
+
+
+@click.command("inspect")
+@click.argument("cache", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@fail_on_value_error
+def inspect_command(cache: Path, as_json: bool) -> None:
+    """Show a cache's manifest, rows per class, skipped images, and whether it is complete."""
+    from cache.inspect import describe
+
+    info = describe(cache)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    m = info["manifest"]
+    click.echo(f"{cache}: {'complete' if info['complete'] else 'INCOMPLETE'}, {info['rows']} rows "
+               f"x {info['feature_dim']} {info['dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
+    click.echo(f"  backbone {m['backbone']}  weights {m['weights']} "
+               f"(sha256 {m['weights_sha256'][:12]})  layer {m.get('layer_alias') or m['layer']}")
+    pre = m["preprocessing"]
+    click.echo(f"  preprocessing: resize {pre['resize_size']}, crop {pre['crop_size']}, "
+               f"{pre['interpolation']}, mean {pre['mean']}, std {pre['std']}")
+    click.echo(f"  precision {m['precision']}  source {m.get('source_root')} ({m.get('source_kind')})")
+    for name, count in info["class_counts"].items():
+        click.echo(f"  {count:8d}  {name}")
+    if info["unlabeled"]:
+        click.echo(f"  {info['unlabeled']:8d}  (unlabeled)")
+    click.echo(f"  {len(info['errors'])} skipped images")
+    for e in info["errors"][:20]:
+        click.echo(f"    {e['path']}: {e['reason']}")
