@@ -31,4 +31,9 @@ from .extract import extract_command, inspect_command  # noqa: E402
 
 main.add_command(extract_command)
 main.add_command(inspect_command)
+from .demo import demo_command  # noqa: E402
+
+main.add_command(demo_command)
 # More commands register here.
+from .train_head import train_head_command  # noqa: E402
+main.add_command(train_head_command)

@@ -8,6 +8,7 @@ and the truncated network, always in eval mode with frozen parameters. Export re
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,15 +121,16 @@ def default_preprocessing(backbone: str, image_size: int | None = None) -> Prepr
                          interpolation=t.interpolation.value, antialias=bool(t.antialias))
 
 
-def load_weights(backbone: str, weights: str | Path) -> tuple[dict | None, str]:
-    """(state_dict or None for random init, weights name to record).
+def load_weights(backbone: str, weights: str | Path) -> tuple[dict, str]:
+    """(state_dict, weights name to record).
 
     `weights`: a torchvision weights name ('DEFAULT', 'IMAGENET1K_V1'; downloaded into
-    $TORCH_HOME once), a local .pth state_dict (loaded with weights_only=True), or 'none'.
+    $TORCH_HOME once), a local .pth state_dict (loaded with weights_only=True), or 'none':
+    random init under seed 0, the same network in every run (so a cache can be resumed).
     """
     text = str(weights)
     if text.lower() == "none":
-        return None, "none"
+        return _random_init(backbone)[0], "none"
     enum = _weights_enum(backbone)
     if text in enum.__members__ or text == "DEFAULT":
         w = enum[text] if text != "DEFAULT" else enum.DEFAULT
@@ -161,14 +163,14 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT", lay
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-    model = getattr(torchvision.models, backbone)(weights=None)
     state_dict, weights_name = load_weights(backbone, weights)
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as e:
-            raise ValueError(f"weights {weights_name} do not fit {backbone}: "
-                             f"{str(e).splitlines()[0]}") from None
+    with torch.device("meta"):   # no random init of 138M parameters only to overwrite them
+        model = getattr(torchvision.models, backbone)(weights=None)
+    try:
+        model.load_state_dict(state_dict, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"weights {weights_name} do not fit {backbone}: "
+                         f"{str(e).splitlines()[0]}") from None
     pre = default_preprocessing(backbone, image_size)
     frozen = FrozenBackbone(cut(model, layer), pre.mean, pre.std)
     with torch.inference_mode():
@@ -176,7 +178,8 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT", lay
     info = {
         "backbone": backbone,
         "weights": weights_name,
-        "weights_sha256": state_dict_sha256(model.state_dict()),
+        "weights_sha256": (_random_init(backbone)[1] if weights_name == "none"
+                           else state_dict_sha256(model.state_dict())),
         "layer": resolve_layer(layer),
         "layer_alias": layer if layer in LAYER_ALIASES else None,
         "feature_dim": int(dim),
@@ -193,6 +196,15 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _random_init(backbone: str) -> tuple[dict, str]:
+    """Random-init state_dict under seed 0 and its SHA-256, made once per process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state_dict = getattr(torchvision.models, backbone)(weights=None).state_dict()
+    return state_dict, state_dict_sha256(state_dict)
 
 
 def _weights_enum(backbone: str):

@@ -23,3 +23,40 @@ class ExtractConfig:
     overwrite: bool = False          # start again when an existing cache does not match
     strict: bool = False             # skipped images make the run fail (after it finishes)
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A sweep of head experiments on cached features.
+
+    Tuple fields are sweep axes: the experiments are their cartesian product, each head kind
+    taking only the axes it uses (linear: optimizer..seed; mlp: also hidden, activation;
+    logreg: C). The other fields are shared by every experiment of the sweep. Stored in
+    every run's metadata.
+    """
+    # Sweep axes.
+    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg
+    hidden: tuple[tuple[int, ...], ...] = ((1024,),)  # mlp hidden sizes, e.g. ((512,), (1024, 256))
+    activation: tuple[str, ...] = ("relu",)           # mlp: relu, gelu, tanh
+    optimizer: tuple[str, ...] = ("adamw",)           # adamw, sgd (with --momentum)
+    lr: tuple[float, ...] = (1e-3,)                   # learning rate
+    weight_decay: tuple[float, ...] = (0.0,)          # decoupled for adamw, L2 for sgd
+    dropout: tuple[float, ...] = (0.0,)               # on the input features (and mlp hidden layers)
+    label_smoothing: tuple[float, ...] = (0.0,)       # cross-entropy label smoothing
+    seed: tuple[int, ...] = (0,)                      # head initialisation
+    C: tuple[float, ...] = (1.0,)                     # logreg inverse regularisation strength
+    # Shared by the whole sweep.
+    epochs: int = 20                  # passes over the training rows
+    batch_size: int = 256             # rows per step
+    momentum: float = 0.9             # sgd momentum
+    schedule: str = "constant"        # constant, cosine (per step), step (x0.1 every lr_step epochs)
+    lr_step: int = 0                  # step schedule period in epochs; 0: a third of the epochs
+    class_weight: str = "none"        # none, balanced (n / (classes * count), as scikit-learn)
+    patience: int = 0                 # early stopping: epochs without better val accuracy; 0: off
+    val_fraction: float = 0.1         # held out of TRAIN by path hash when no val cache is given
+    data_seed: int = 0                # batch order and dropout noise (shared by a pass's heads)
+    shuffle_chunks: int = 0           # shuffle window in HDF5 chunks; 0: all that fit in max_memory
+    max_memory: int = 4 * 2**30       # bytes of features held in RAM; above it, stream from HDF5
+    logreg_max_iter: int = 1000       # lbfgs iterations per logreg fit
+    logreg_standardize: bool = True   # fit on standardized features (folded into the saved layer)
+    allow_incomplete: bool = False    # train on the committed rows of unfinished caches

@@ -379,9 +379,6 @@ def _build(config: ExtractConfig):
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)   # the same random network every run, so resume works
-            return build_backbone(config.backbone, "none", config.layer, config.image_size)
     return build_backbone(config.backbone, config.weights, config.layer, config.image_size)
 
 

@@ -1,0 +1,258 @@
+"""Heads on cached features: K heads of one shape trained as one stacked set of tensors, and
+the plain modules they are saved as.
+
+    stack = HeadStack(4096, 10, seeds=[0, 1], dropouts=[0.0, 0.5])          # two linear heads
+    opt = StackedOptimizer(stack.params, "adamw", lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4])
+    logits = stack.forward(x, noise=generator)                           # (B, K, C)
+    stack.losses(logits, y).sum().backward(); opt.step()
+    module, meta = load_head("runs/linear-adamw-lr0.001-.../")            # nn.Linear / nn.Sequential
+
+Why stacked: K linear heads held as one (K*C, D) weight make a batch one addmm that reads the
+batch once for all heads (DESIGN.md: 32 heads cost about 3x one). The heads stay independent:
+the loss is a sum of per-head losses, so each head's gradient is its own, and the optimizers
+are elementwise with a per-head lr and weight decay, so a head trained in a stack follows the
+trajectory it follows alone (up to float rounding in the matmuls).
+
+Dropout noise comes from one generator shared by the stack: per step one uniform draw U of
+the input's shape (and one per hidden layer), and head k keeps the units where U >= p_k. Each
+head sees ordinary dropout with its own p; a head alone draws the same U, so it sees the same
+masks as in a stack.
+
+Saved heads are plain modules that `build_head(meta)` rebuilds without this training code:
+linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
+`nn.Sequential(Linear, act, Linear, act, ..., Linear)` (dropout is a training-time setting).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_FORMAT = "pipeline-head/1"
+ACTIVATIONS = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU), "tanh": (torch.tanh, nn.Tanh)}
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class HeadStack:
+    """K heads of one shape (in_dim -> hidden... -> n_classes) held as stacked tensors.
+
+    Layer l has weight (K, out_l, in_l) and bias (K, out_l), nn.Linear's layout per head.
+    Head k is initialised like nn.Linear (U(-1/sqrt(in), 1/sqrt(in)) for weight then bias, layer
+    by layer) from its own generator seeded with seeds[k], so its init does not depend on the
+    other heads of the stack.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, seeds: Sequence[int],
+                 dropouts: Sequence[float] | None = None, hidden: Sequence[int] = (),
+                 activation: str = "relu"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: use {', '.join(ACTIVATIONS)}")
+        k = len(seeds)
+        dropouts = [0.0] * k if dropouts is None else [float(p) for p in dropouts]
+        if len(dropouts) != k or any(not 0.0 <= p < 1.0 for p in dropouts):
+            raise ValueError(f"need one dropout in [0, 1) per head, got {dropouts}")
+        self.in_dim, self.n_classes, self.k = in_dim, n_classes, k
+        self.hidden, self.activation = tuple(int(h) for h in hidden), activation
+        self.dropouts = dropouts
+        self._p = torch.tensor(dropouts, dtype=torch.float32)     # (K,)
+        self._act = ACTIVATIONS[activation][0]
+        dims = [in_dim, *self.hidden, n_classes]
+        self.weights = [torch.empty(k, o, i) for i, o in zip(dims[:-1], dims[1:])]
+        self.biases = [torch.empty(k, o) for o in dims[1:]]
+        for h, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            for w, b in zip(self.weights, self.biases):
+                bound = 1.0 / math.sqrt(w.shape[2])
+                w[h] = (torch.rand(w.shape[1:], generator=g) * 2 - 1) * bound
+                b[h] = (torch.rand(b.shape[1:], generator=g) * 2 - 1) * bound
+        for t in self.params:
+            t.requires_grad_(True)
+        # Runs of consecutive heads with equal input dropout share one masked input and one addmm.
+        self._runs, start = [], 0
+        for h in range(1, k + 1):
+            if h == k or dropouts[h] != dropouts[start]:
+                self._runs.append((start, h, dropouts[start]))
+                start = h
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.weights, self.biases) for t in pair]
+
+    def forward(self, x: torch.Tensor, noise: torch.Generator | None = None) -> torch.Tensor:
+        """Logits (B, K, C) of every head for features x (B, D). `noise`: training mode
+        (dropout drawn from that generator); None: evaluation (no dropout)."""
+        b, d = x.shape
+        w0, b0 = self.weights[0], self.biases[0]
+        drop = noise is not None and any(p > 0 for p in self.dropouts)
+        if not drop:
+            h = torch.addmm(b0.reshape(-1), x, w0.reshape(-1, d).t()).view(b, self.k, -1)
+        else:
+            u = torch.rand(x.shape, generator=noise)                  # (B, D), shared by heads
+            parts = []
+            for s, e, p in self._runs:
+                xp = x if p == 0 else x * (u >= p).to(x.dtype).div_(1 - p)
+                parts.append(torch.addmm(b0[s:e].reshape(-1), xp, w0[s:e].reshape(-1, d).t()))
+            h = torch.cat(parts, 1).view(b, self.k, -1)               # (B, K, out0)
+        for w, bias in zip(self.weights[1:], self.biases[1:]):
+            h = self._act(h)
+            if drop:
+                u = torch.rand((b, h.shape[2]), generator=noise)     # (B, H)
+                keep = (u[:, None, :] >= self._p[None, :, None]).to(h.dtype)
+                h = h * keep / (1 - self._p)[None, :, None]
+            # (K, B, H) @ (K, H, out) + (K, 1, out) -> (K, B, out) -> (B, K, out)
+            h = torch.baddbmm(bias[:, None, :], h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+        return h
+
+    def losses(self, logits: torch.Tensor, y: torch.Tensor,
+               label_smoothing: torch.Tensor | None = None,
+               class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head cross-entropy (K,), each exactly nn.CrossEntropyLoss(weight=class_weight,
+        label_smoothing=label_smoothing[k]) on that head's logits (B, C)."""
+        b, k, c = logits.shape
+        logp = logits.log_softmax(-1)                                        # (B, K, C)
+        nll = -logp.gather(2, y.view(b, 1, 1).expand(b, k, 1)).squeeze(2)    # (B, K)
+        if class_weight is None:
+            loss = nll.mean(0)
+        else:
+            wy = class_weight[y]                                             # (B,)
+            loss = (wy[:, None] * nll).sum(0) / wy.sum()
+        if label_smoothing is not None and bool((label_smoothing > 0).any()):
+            if class_weight is None:
+                smooth = -logp.sum(2).mean(0)                                # (K,)
+            else:
+                smooth = -(logp * class_weight).sum(2).sum(0) / wy.sum()
+            loss = (1 - label_smoothing) * loss + label_smoothing / c * smooth
+        return loss
+
+    def head_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Head k as the state_dict of the module `build_head` makes."""
+        if not self.hidden:
+            return {"weight": self.weights[0][k].detach().clone(),
+                    "bias": self.biases[0][k].detach().clone()}
+        return {f"{2 * l}.{name}": t[k].detach().clone()
+                for l, (w, b) in enumerate(zip(self.weights, self.biases))
+                for name, t in (("weight", w), ("bias", b))}
+
+    @torch.no_grad()
+    def set_head(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Load a `head_state`-style state_dict into head k."""
+        if not self.hidden:
+            self.weights[0][k].copy_(state["weight"])
+            self.biases[0][k].copy_(state["bias"])
+            return
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            w[k].copy_(state[f"{2 * l}.weight"])
+            b[k].copy_(state[f"{2 * l}.bias"])
+
+
+class StackedOptimizer:
+    """AdamW or SGD over stacked head tensors, with a per-head lr and weight decay.
+
+    Elementwise, with torch.optim's arithmetic (AdamW: decoupled decay, bias correction,
+    betas (0.9, 0.999), eps 1e-8; SGD: L2 decay added to the gradient, momentum buffer
+    starting at the first gradient, no dampening), so head k follows the trajectory of
+    torch.optim.AdamW/SGD over that head's parameters alone.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], kind: str, lr: Sequence[float],
+                 weight_decay: Sequence[float], momentum: float = 0.9,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {kind!r}: use {', '.join(OPTIMIZERS)}")
+        self.params, self.kind = list(params), kind
+        self.lr = torch.as_tensor(lr, dtype=torch.float64)               # (K,)
+        self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64)
+        self.momentum, self.betas, self.eps = momentum, betas, eps
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, lr_scale: float = 1.0, active: torch.Tensor | None = None) -> None:
+        """One update with lr * lr_scale; heads where `active` (K,) is False stay as they are.
+        Clears the gradients."""
+        self.steps += 1
+        lr = self.lr * lr_scale
+        if active is not None:
+            lr = lr * active.to(torch.float64)
+        for p, st in zip(self.params, self.state):
+            shape = (-1,) + (1,) * (p.dim() - 1)                         # per-head broadcast
+            if self.kind == "adamw":
+                self._adamw(p, p.grad, st, lr, shape)
+            else:
+                self._sgd(p, p.grad, st, lr, shape)
+            p.grad = None
+
+    def _adamw(self, p, g, st, lr, shape):
+        b1, b2 = self.betas
+        if not st:
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        p.mul_((1 - lr * self.weight_decay).to(p.dtype).view(shape))
+        st["exp_avg"].lerp_(g, 1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = (lr / (1 - b1 ** self.steps)).to(p.dtype).view(shape)
+        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        p.sub_(step_size * st["exp_avg"] / denom)
+
+    def _sgd(self, p, g, st, lr, shape):
+        if bool((self.weight_decay != 0).any()):
+            g = g + self.weight_decay.to(p.dtype).view(shape) * p
+        if self.momentum:
+            if "buf" not in st:
+                st["buf"] = g.detach().clone()
+            else:
+                st["buf"].mul_(self.momentum).add_(g)
+            g = st["buf"]
+        p.sub_(lr.to(p.dtype).view(shape) * g)
+
+
+def build_head(meta: dict) -> nn.Module:
+    """The plain module a saved head's state_dict loads into, from its JSON metadata."""
+    kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
+    if kind in ("linear", "logreg"):
+        return nn.Linear(d, c)
+    if kind != "mlp":
+        raise ValueError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp or logreg")
+    act = ACTIVATIONS[meta["activation"]][1]
+    dims, layers = [d, *meta["hidden"], c], []
+    for i, o in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(i, o), act()]
+    return nn.Sequential(*layers[:-1])
+
+
+def save_head(run_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write run_dir/head.pt (state_dict) and run_dir/head.json (metadata, plain JSON)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
+               run_dir / "head.pt")
+    (run_dir / "head.json").write_text(json.dumps({"format": HEAD_FORMAT, **meta}, indent=2))
+    return run_dir
+
+
+def load_head(path: str | Path) -> tuple[nn.Module, dict]:
+    """(module in eval mode, metadata) of a saved head: a run folder, its head.pt or head.json.
+
+    The weights are read with torch.load(weights_only=True): no code is unpickled.
+    """
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    meta_path, weights_path = run_dir / "head.json", run_dir / "head.pt"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{path} is not a trained head: expected head.json and head.pt in "
+                         f"{run_dir} (a run folder written by `pipeline train-head`)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{meta_path} has head format {meta.get('format')!r}, this tool reads "
+                         f"{HEAD_FORMAT!r}: retrain the head")
+    module = build_head(meta)
+    module.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return module.eval(), meta
+
+
+__all__ = ["ACTIVATIONS", "OPTIMIZERS", "HeadStack", "StackedOptimizer", "build_head",
+           "load_head", "save_head"]

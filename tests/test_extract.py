@@ -1,0 +1,346 @@
+"""extract(): cached features equal a direct forward pass; resume, incremental updates, guards."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+from torchvision.transforms._presets import ImageClassification
+
+from cache.store import CacheReader, partial_path
+from cli.main import main
+from pipeline import ExtractConfig, extract
+from pipeline.backbone import state_dict_sha256
+
+from .conftest import make_folder
+
+SIZE = 32
+CFG = ExtractConfig(weights="none", image_size=SIZE, batch_size=4, dtype="float32", progress=False,
+                    workers=0)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_vgg16(seed: int = 0) -> torch.nn.Module:
+    """The network `--weights none` builds: torchvision's VGG16 initialised under seed 0."""
+    torch.manual_seed(seed)
+    return torchvision.models.vgg16(weights=None).eval()
+
+
+def direct_features(model, root: Path, paths, module: torch.nn.Module) -> np.ndarray:
+    """The output of `module` for each image, by a forward hook on the whole torchvision
+    model and torchvision's own ImageNet preset (independent of pipeline.backbone)."""
+    preset = ImageClassification(crop_size=SIZE, resize_size=round(SIZE * 256 / 224))
+    out = []
+    hook = module.register_forward_hook(lambda m, i, o: out.append(torch.flatten(o, 1)))
+    with torch.inference_mode():
+        for p in paths:
+            model(preset(Image.open(root / p).convert("RGB")).unsqueeze(0))
+    hook.remove()
+    return torch.cat(out).numpy()
+
+
+def read(path):
+    with CacheReader(path) as r:
+        return r.load_features(), list(r.paths), r.labels.tolist(), list(r.errors), r.manifest
+
+
+@pytest.mark.parametrize("layer, module, dim", [
+    ("fc7", lambda m: m.classifier[4], 4096),
+    ("fc6", lambda m: m.classifier[1], 4096),
+    ("pool5", lambda m: m.avgpool, 25088),
+    ("features.9", lambda m: m.features[9], 128 * 8 * 8),
+])
+def test_cached_features_equal_direct_forward(folder, tmp_path, layer, module, dim):
+    out = tmp_path / "c.h5"
+    summary = extract(folder, out, ExtractConfig(**{**CFG.__dict__, "layer": layer}))
+    feats, paths, labels, errors, manifest = read(out)
+    model = random_vgg16()
+    expected = direct_features(model, folder, paths, module(model))
+    assert feats.shape == (12, dim) and manifest["feature_dim"] == dim
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
+    assert paths == sorted(paths) and labels == [0] * 6 + [1] * 6
+    assert manifest["class_names"] == ["cat", "dog"] and errors == []
+    assert manifest["weights_sha256"] == state_dict_sha256(model.state_dict())
+    assert summary.rows == 12 and summary.computed == 12 and not partial_path(out).exists()
+
+
+def test_float16_storage_is_float32_rounded(folder, tmp_path):
+    extract(folder, tmp_path / "32.h5", CFG)
+    extract(folder, tmp_path / "16.h5", ExtractConfig(**{**CFG.__dict__, "dtype": "float16"}))
+    with CacheReader(tmp_path / "16.h5") as r:
+        assert r.features.dtype == np.float16
+        f16 = r.features[:]
+    np.testing.assert_array_equal(f16, read(tmp_path / "32.h5")[0].astype(np.float16))
+
+
+def _extract_cmd(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "cli", "-v", "extract", str(src), "-o", str(out), "--weights",
+            "none", "--image-size", str(SIZE), "--batch-size", "4", "--dtype", "float32",
+            "--workers", "0", "-q"]
+
+
+def _kill_after(cmd, commits: int, delay: float = 0.0) -> None:
+    """Run `cmd` and SIGKILL it `delay` seconds after its `commits`-th committed batch
+    (commits=0: at its first line of output, before any batch)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    seen = 0
+    for line in proc.stderr:
+        seen += "committed" in line
+        if seen >= commits:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    proc.stderr.close()
+
+
+@pytest.mark.parametrize("commits, delay", [(0, 0.0), (1, 0.0), (3, 0.1), (4, 0.0)])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, commits, delay):
+    src = make_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=8)
+    (src / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    ref = tmp_path / "ref.h5"
+    extract(src, ref, CFG)
+    out = tmp_path / "c.h5"
+    _kill_after(_extract_cmd(src, out), commits, delay)
+    assert not out.exists()   # only complete caches carry the final name
+    held = 0
+    if partial_path(out).exists():
+        with CacheReader(partial_path(out), allow_incomplete=True) as r:
+            held = r.n_rows + len(r.errors)
+            assert not r.complete
+        if commits:
+            assert held >= 4 * commits   # every acknowledged batch survived
+    summary = extract(src, out, CFG)
+    assert summary.computed == 25 - held   # nothing committed is computed again
+    got, want = read(out), read(ref)
+    np.testing.assert_array_equal(got[0], want[0])   # bit-identical on the CPU
+    assert got[1:4] == want[1:4]
+    assert not partial_path(out).exists()
+
+
+def test_incremental_update_computes_only_new_and_changed(folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(folder, out, CFG)
+    make_folder(folder, classes=("emu",), per_class=2, seed=5)   # 2 new images, new class
+    Image.new("RGB", (40, 48), (200, 10, 10)).save(folder / "cat" / "001.png")   # changed
+    (folder / "dog" / "002.png").unlink()                                        # removed
+    summary = extract(folder, out, CFG)
+    assert (summary.computed, summary.reused, summary.removed, summary.rows) == (3, 10, 2, 13)
+    fresh = tmp_path / "fresh.h5"
+    extract(folder, fresh, CFG)
+    got, want = read(out), read(fresh)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[1:4] == want[1:4]
+    assert got[4]["class_names"] == ["cat", "dog", "emu"] and got[2][-2:] == [2, 2]
+    again = extract(folder, out, CFG)
+    assert again.up_to_date and again.computed == 0
+
+
+def test_incremental_after_kill_of_an_update(folder, tmp_path):
+    """An update interrupted half-way resumes from both the old cache and the partial."""
+    out = tmp_path / "c.h5"
+    extract(folder, out, CFG)
+    make_folder(folder, classes=("emu",), per_class=9, seed=5)
+    _kill_after(_extract_cmd(folder, out), 1)
+    with CacheReader(partial_path(out), allow_incomplete=True) as r:
+        held = r.n_rows
+    summary = extract(folder, out, CFG)
+    assert summary.computed == 9 - held and summary.rows == 21
+    fresh = tmp_path / "fresh.h5"
+    extract(folder, fresh, CFG)
+    np.testing.assert_allclose(read(out)[0], read(fresh)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"layer": "fc6"}, "layer: 'classifier.4' vs 'classifier.1'"),
+    ({"dtype": "float16"}, "dtype: 'float32' vs 'float16'"),
+    ({"image_size": 48}, "preprocessing.crop_size: 32 vs 48"),
+    ({"backbone": "vgg11"}, "backbone: 'vgg16' vs 'vgg11'"),
+])
+def test_other_settings_are_refused_then_overwritten(folder, tmp_path, change, words):
+    out = tmp_path / "c.h5"
+    extract(folder, out, CFG)
+    before = out.read_bytes()
+    other = ExtractConfig(**{**CFG.__dict__, **change})
+    with pytest.raises(ValueError, match="made with other settings") as e:
+        extract(folder, out, other)
+    assert words in str(e.value) and "--overwrite" in str(e.value)
+    assert out.read_bytes() == before   # nothing lost
+    extract(folder, out, ExtractConfig(**{**other.__dict__, "overwrite": True}))
+    assert read(out)[4]["layer"] == {"fc6": "classifier.1"}.get(change.get("layer"), "classifier.4")
+
+
+def _bad_images(root: Path) -> dict[str, str]:
+    """Write one file of each bad kind into root/bad; return name -> expected reason words."""
+    bad = root / "bad"
+    bad.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(bad / "full.jpg", quality=95)
+    data = (bad / "full.jpg").read_bytes()
+    (bad / "full.jpg").unlink()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image at all")
+    (bad / "gone.png").symlink_to(root / "does-not-exist.png")
+    (bad / "bomb.png").write_bytes(_bomb_png(20000, 20000))
+    return {"truncated.jpg": "truncated", "empty.png": "empty", "text.jpg": "not an image",
+            "gone.png": "unreadable", "bomb.png": "decompression bomb"}
+
+
+def _bomb_png(w: int, h: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _odd_images(root: Path) -> None:
+    """Images that are fine but need care: 16-bit, CMYK, RGBA, palette, grey, EXIF-rotated."""
+    odd = root / "odd"
+    odd.mkdir(parents=True)
+    Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)).save(odd / "grey16.png")
+    Image.new("CMYK", (40, 40), (10, 200, 30, 5)).save(odd / "cmyk.tiff")
+    Image.new("RGBA", (40, 40), (10, 20, 30, 128)).save(odd / "rgba.png")
+    Image.new("RGB", (40, 40), (1, 2, 3)).convert("P").save(odd / "palette.gif")
+    Image.new("L", (40, 40), 77).save(odd / "grey.bmp")
+    img = Image.new("RGB", (40, 60), (5, 6, 7))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(odd / "rotated.webp", exif=exif.tobytes())
+
+
+def test_bad_images_are_skipped_recorded_and_strict_fails(tmp_path):
+    src = make_folder(tmp_path / "images", classes=("good",), per_class=3)
+    reasons = _bad_images(src)
+    _odd_images(src)
+    out = tmp_path / "c.h5"
+    summary = extract(src, out, CFG)
+    assert summary.rows == 3 + 6
+    bad = dict(summary.bad)
+    assert sorted(bad) == sorted(f"bad/{n}" for n in reasons)
+    for name, words in reasons.items():
+        assert words in bad[f"bad/{name}"]
+    with CacheReader(out) as r:
+        assert sorted(p for p, _, _ in r.errors) == sorted(bad)
+        assert set(r.paths) >= {"odd/grey16.png", "odd/cmyk.tiff", "odd/rotated.webp"}
+    result = CliRunner().invoke(main, ["extract", str(src), "-o", str(tmp_path / "s.h5"),
+                                       "--weights", "none", "--image-size", "32", "--strict", "-q"])
+    assert result.exit_code == 1 and "6 images could not be used (--strict)" not in result.output
+    assert "5 images could not be used (--strict)" in result.output
+    assert (tmp_path / "s.h5").exists() and "Traceback" not in result.output
+
+
+def test_sixteen_bit_image_is_scaled_not_clipped(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)).save(src / "a16.png")  # 128 * 257
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(src / "b8.png")
+    extract(src, tmp_path / "c.h5", CFG)
+    feats = read(tmp_path / "c.h5")[0]
+    np.testing.assert_array_equal(feats[0], feats[1])
+
+
+def test_weights_from_local_pth_file(folder, tmp_path):
+    model = random_vgg16(seed=7)
+    torch.save(model.state_dict(), tmp_path / "mine.pth")
+    out = tmp_path / "c.h5"
+    extract(folder, out, ExtractConfig(**{**CFG.__dict__, "weights": str(tmp_path / "mine.pth")}))
+    feats, paths, _, _, manifest = read(out)
+    assert manifest["weights"] == "file:mine.pth"
+    assert manifest["weights_sha256"] == state_dict_sha256(model.state_dict())
+    np.testing.assert_allclose(feats, direct_features(model, folder, paths, model.classifier[4]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weights_name_uses_torchvision_download(folder, tmp_path, monkeypatch):
+    model = random_vgg16(seed=3)
+    asked = []
+
+    def fake_download(url, *args, **kwargs):
+        asked.append(url)
+        return model.state_dict()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_download)
+    out = tmp_path / "c.h5"
+    extract(folder, out, ExtractConfig(**{**CFG.__dict__, "weights": "IMAGENET1K_V1"}))
+    feats, paths, _, _, manifest = read(out)
+    assert asked == [torchvision.models.VGG16_Weights.IMAGENET1K_V1.url]
+    assert manifest["weights"] == "vgg16:IMAGENET1K_V1"
+    assert manifest["weights_sha256"] == state_dict_sha256(model.state_dict())
+    np.testing.assert_allclose(feats, direct_features(model, folder, paths, model.classifier[4]),
+                               rtol=1e-5, atol=1e-6)
+
+    def offline(url, *args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(ValueError, match="could not get vgg16 weights IMAGENET1K_V1"):
+        extract(folder, tmp_path / "d.h5", ExtractConfig(**{**CFG.__dict__, "weights": "DEFAULT"}))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{tmp}/nope", "-o", "{tmp}/c.h5"], "does not exist"),
+    (["{tmp}/empty", "-o", "{tmp}/c.h5"], "no images"),
+    (["{src}", "-o", "{tmp}/missing-dir/c.h5"], "does not exist"),
+    (["{src}", "-o", "{tmp}"], "is a folder"),
+    (["{src}", "-o", "{tmp}/c.h5", "--weights", "{tmp}/nope.pth"], "neither a weights name"),
+    (["{src}", "-o", "{tmp}/c.h5", "--layer", "fc9"], "unknown layer 'fc9'"),
+    (["{src}", "-o", "{tmp}/c.h5", "--device", "cuda:3"], "CUDA is not available"),
+])
+def test_cli_user_errors_are_one_line(folder, tmp_path, args, words):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(tmp=tmp_path, src=folder) for a in args]
+    if "--weights" not in args:
+        args += ["--weights", "none"]
+    if "--device" not in args and torch.cuda.is_available():
+        pytest.skip("device check needs a machine without CUDA")
+    result = CliRunner().invoke(main, ["extract", *args, "--image-size", "32", "-q"])
+    assert result.exit_code == 1, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_extract_and_inspect(folder, tmp_path, caplog):
+    out = tmp_path / "c.h5"
+    runner = CliRunner()
+    result = runner.invoke(main, ["extract", str(folder), "-o", str(out), "--weights", "none",
+                                  "--image-size", "32", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "12 rows (12 computed, 0 reused, 0 dropped), 0 skipped images" in result.output
+    assert any("RANDOM-INIT" in r.message for r in caplog.records)   # said loudly
+    info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
+    assert info["complete"] and info["rows"] == 12 and info["class_counts"] == {"cat": 6, "dog": 6}
+    text = runner.invoke(main, ["inspect", str(out)]).output
+    assert "complete, 12 rows x 4096 float16" in text and "layer fc7" in text
+
+
+def test_incomplete_cache_is_refused_by_readers(folder, tmp_path):
+    out = tmp_path / "c.h5"
+    _kill_after(_extract_cmd(folder, out), 1)
+    with pytest.raises(ValueError, match="unfinished one is at"):
+        CacheReader(out)
+    with pytest.raises(ValueError, match="incomplete cache"):
+        CacheReader(partial_path(out))
+    result = CliRunner().invoke(main, ["inspect", str(partial_path(out))])
+    assert result.exit_code == 0 and "INCOMPLETE" in result.output
+
+
+def test_csv_list_source_with_labels(folder, tmp_path):
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,label\n" + "".join(
+        f"{folder / c / f'{i:03d}.png'},{'x' if c == 'cat' else 'y'}\n"
+        for c in ("cat", "dog") for i in range(2)))
+    extract(lst, tmp_path / "c.h5", CFG)
+    _, paths, labels, _, manifest = read(tmp_path / "c.h5")
+    assert manifest["class_names"] == ["x", "y"] and labels == [0, 0, 1, 1] and len(paths) == 4
