@@ -35,5 +35,7 @@ from .demo import demo_command  # noqa: E402
 
 main.add_command(demo_command)
 # More commands register here.
+from .export import export_command, predict_command  # noqa: E402
+for _command in (export_command, predict_command): main.add_command(_command)  # noqa: E701
 from .train_head import train_head_command  # noqa: E402
 main.add_command(train_head_command)

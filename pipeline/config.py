@@ -41,7 +41,7 @@ class TrainConfig:
     optimizer: tuple[str, ...] = ("adamw",)           # adamw, sgd (with --momentum)
     lr: tuple[float, ...] = (1e-3,)                   # learning rate
     weight_decay: tuple[float, ...] = (0.0,)          # decoupled for adamw, L2 for sgd
-    dropout: tuple[float, ...] = (0.0,)               # on the input features (and mlp hidden layers)
+    dropout: tuple[float, ...] = (0.0,)               # on input features (and mlp hidden layers)
     label_smoothing: tuple[float, ...] = (0.0,)       # cross-entropy label smoothing
     seed: tuple[int, ...] = (0,)                      # head initialisation
     C: tuple[float, ...] = (1.0,)                     # logreg inverse regularisation strength
@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int = 20                  # passes over the training rows
     batch_size: int = 256             # rows per step
     momentum: float = 0.9             # sgd momentum
-    schedule: str = "constant"        # constant, cosine (per step), step (x0.1 every lr_step epochs)
+    schedule: str = "constant"        # constant, cosine (per step), step (x0.1 every lr_step)
     lr_step: int = 0                  # step schedule period in epochs; 0: a third of the epochs
     class_weight: str = "none"        # none, balanced (n / (classes * count), as scikit-learn)
     patience: int = 0                 # early stopping: epochs without better val accuracy; 0: off
@@ -60,3 +60,23 @@ class TrainConfig:
     logreg_max_iter: int = 1000       # lbfgs iterations per logreg fit
     logreg_standardize: bool = True   # fit on standardized features (folded into the saved layer)
     allow_incomplete: bool = False    # train on the committed rows of unfinished caches
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to stitch a trained head onto its frozen backbone and write one model file."""
+    format: str = "pt2"              # pt2 (torch.export), onnx, torchvision (fc7 cut + linear head)
+    weights: str | None = None       # backbone weights; None: the ones the cache manifest names
+    cache: str | None = None         # cache for the parity check; None: the head's training cache
+    images_root: str | None = None   # where the cached image paths now live; None: manifest's source_root
+    parity_images: int = 8           # cached images run through the stitched model at export
+    parity_check: bool = True        # False: skip the check (no cache or images needed)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to run an exported model over images."""
+    top_k: int = 5                   # classes reported per image, most probable first
+    batch_size: int = 32             # images per forward pass
+    workers: int = -1                # decoding processes; -1: auto (none for a single batch)
+    progress: bool | None = None     # progress line on stderr; None: only on a terminal

@@ -5,7 +5,7 @@ the plain modules they are saved as.
     opt = StackedOptimizer(stack.params, "adamw", lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4])
     logits = stack.forward(x, noise=generator)                           # (B, K, C)
     stack.losses(logits, y).sum().backward(); opt.step()
-    module, meta = load_head("runs/linear-adamw-lr0.001-.../")            # nn.Linear / nn.Sequential
+    module, meta = load_head("runs/linear-adamw-lr0.001-.../")      # nn.Linear / nn.Sequential
 
 Why stacked: K linear heads held as one (K*C, D) weight make a batch one addmm that reads the
 batch once for all heads (DESIGN.md: 32 heads cost about 3x one). The heads stay independent:
@@ -18,17 +18,23 @@ the input's shape (and one per hidden layer), and head k keeps the units where U
 head sees ordinary dropout with its own p; a head alone draws the same U, so it sees the same
 masks as in a stack.
 
+`evaluate` gives every head's metrics in one pass over a split; `fit_logreg` fits
+scikit-learn's LogisticRegression and returns it as the linear layer it is.
+
 Saved heads are plain modules that `build_head(meta)` rebuilds without this training code:
 linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
 `nn.Sequential(Linear, act, Linear, act, ..., Linear)` (dropout is a training-time setting).
+Export uses `load_head(run_dir) -> (module, meta)`.
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,7 +111,8 @@ class HeadStack:
                 keep = (u[:, None, :] >= self._p[None, :, None]).to(h.dtype)
                 h = h * keep / (1 - self._p)[None, :, None]
             # (K, B, H) @ (K, H, out) + (K, 1, out) -> (K, B, out) -> (B, K, out)
-            h = torch.baddbmm(bias[:, None, :], h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+            h = torch.baddbmm(bias[:, None, :], h.transpose(0, 1), w.transpose(1, 2))
+            h = h.transpose(0, 1)
         return h
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor,
@@ -210,13 +217,94 @@ class StackedOptimizer:
         p.sub_(lr.to(p.dtype).view(shape) * g)
 
 
+@torch.no_grad()
+def evaluate(stack: HeadStack, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             class_names: Sequence[str]) -> list[dict]:
+    """Per head of `stack`, over batches (x (B, D), y (B,)): top-1, top-5 (5+ classes), balanced
+    accuracy, log loss, per-class accuracy, confusion matrix (rows: true, columns: predicted).
+    Plain JSON types."""
+    k, c = stack.k, len(class_names)
+    confusion = torch.zeros(k * c * c, dtype=torch.long)
+    nll, top5, n = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long), 0
+    offsets = torch.arange(k) * c * c
+    for x, y in batches:
+        logits = stack.forward(x)                                           # (B, K, C)
+        logp = logits.log_softmax(-1)
+        nll -= logp.gather(2, y.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2).double().sum(0)
+        cells = offsets[None, :] + y[:, None] * c + logits.argmax(-1)       # (B, K)
+        confusion += torch.bincount(cells.flatten(), minlength=k * c * c)
+        if c >= 5:
+            top5 += (logits.topk(5, -1).indices == y[:, None, None]).any(-1).sum(0)
+        n += len(y)
+    out = []
+    for h, cm in enumerate(confusion.view(k, c, c).numpy()):
+        support = cm.sum(1)
+        recall = [float(cm[i, i] / support[i]) if support[i] else None for i in range(c)]
+        out.append({
+            "rows": n,
+            "top1": float(np.trace(cm) / n),
+            "top5": float(top5[h] / n) if c >= 5 else None,
+            "balanced_accuracy": float(np.mean([r for r in recall if r is not None])),
+            "log_loss": float(nll[h] / n),
+            "per_class_accuracy": dict(zip(class_names, recall)),
+            "confusion_matrix": cm.tolist(),
+        })
+    return out
+
+
+def standard_scaler(x: np.ndarray):
+    """A scikit-learn StandardScaler fitted on x (N, D), to share between `fit_logreg` calls."""
+    from sklearn.preprocessing import StandardScaler
+    return StandardScaler().fit(x)
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter: int = 1000,
+               class_weight: str | None = None, scaler=None
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit scikit-learn's LogisticRegression on x (N, D) (standardized by `scaler` if given) and
+    return it as the state_dict of an nn.Linear(D, n_classes) on raw x, plus facts
+    (n_iter, converged, standardized). A ConvergenceWarning becomes converged=False.
+
+    The scaler is folded in: w.(x - m)/s + b = (w/s).x + (b - (w/s).m). A binary fit's single
+    row w becomes rows -w/2, +w/2 (their softmax is the sigmoid); classes absent from y get
+    weight 0 and bias -1e4 (never predicted).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) < 2:
+        raise ValueError("logreg needs training rows of at least two classes")
+    clf = LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", category=ConvergenceWarning)
+        clf.fit(scaler.transform(x) if scaler is not None else x, y)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn(w.message, w.category, stacklevel=2)
+    coef, intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
+    if scaler is not None:
+        coef = coef / scaler.scale_
+        intercept = intercept - coef @ scaler.mean_
+    if len(clf.classes_) == 2:
+        coef = np.vstack([-coef / 2, coef / 2])
+        intercept = np.hstack([-intercept / 2, intercept / 2])
+    weight, bias = np.zeros((n_classes, coef.shape[1])), np.full(n_classes, -1e4)
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    state = {"weight": torch.from_numpy(weight.astype(np.float32)),
+             "bias": torch.from_numpy(bias.astype(np.float32))}
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return state, {"n_iter": int(np.max(clf.n_iter_)), "converged": converged,
+                   "standardized": scaler is not None}
+
+
 def build_head(meta: dict) -> nn.Module:
     """The plain module a saved head's state_dict loads into, from its JSON metadata."""
     kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
     if kind in ("linear", "logreg"):
         return nn.Linear(d, c)
     if kind != "mlp":
-        raise ValueError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp or logreg")
+        raise ValueError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
+                         "or logreg")
     act = ACTIVATIONS[meta["activation"]][1]
     dims, layers = [d, *meta["hidden"], c], []
     for i, o in zip(dims[:-1], dims[1:]):
@@ -254,5 +342,5 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     return module.eval(), meta
 
 
-__all__ = ["ACTIVATIONS", "OPTIMIZERS", "HeadStack", "StackedOptimizer", "build_head",
-           "load_head", "save_head"]
+__all__ = ["ACTIVATIONS", "OPTIMIZERS", "HeadStack", "StackedOptimizer", "build_head", "evaluate",
+           "fit_logreg", "load_head", "save_head", "standard_scaler"]

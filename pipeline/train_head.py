@@ -12,9 +12,12 @@ scikit-learn fits, saved as the linear layer they are.
 
 Batch order and dropout noise come from `data_seed` and are shared by every head of a pass; a
 head's `seed` sets only its init. So a head trained in a sweep equals the same head trained
-alone. With the training rows in RAM and the default shuffle window, epoch e visits them in the
-order of the e-th `torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))`
-(one generator for the whole run); with a window of W chunks (`shuffle_chunks`, or streaming),
+alone (up to float rounding in the shared matmul). A pass holds as many heads as fit their
+parameters and optimizer state in a quarter of `max_memory`; more take more passes.
+
+With the training rows in RAM and the default shuffle window, epoch e visits them in the order
+of the e-th `torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))` (one
+generator for the whole run); with a window of W chunks (`shuffle_chunks`, or streaming),
 the chunks holding training rows are shuffled, and the rows of each W consecutive chunks are
 shuffled together. RAM and streaming follow the same order for the same window.
 
@@ -32,7 +35,6 @@ import logging
 import math
 import resource
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +47,8 @@ from cache.store import CacheReader
 
 from . import __version__
 from .config import TrainConfig
-from .heads import ACTIVATIONS, OPTIMIZERS, HeadStack, StackedOptimizer, save_head
+from .heads import (ACTIVATIONS, OPTIMIZERS, HeadStack, StackedOptimizer, evaluate, fit_logreg,
+                    save_head, standard_scaler)
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +75,13 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
     NaN/inf features.
     """
     t0 = time.perf_counter()
+    _check_config(config, has_val=val_path is not None)
     experiments = _experiments(config)
     runs_dir = Path(runs_dir)
     readers: list[CacheReader] = []
     try:
         train, val, test = _open_splits(train_path, val_path, test_path, config, readers)
         memory = _plan_memory(train, [s for s in (val, test) if s is not None], config)
-        if config.patience and val is None:
-            raise ValueError("--patience (early stopping) needs validation data: give --val or "
-                             "--val-fraction > 0")
         names = train.reader.class_names
         context = _Context(config, train, val, test, names, memory["window_chunks"],
                            _class_weights(train.labels, len(names), config.class_weight))
@@ -96,6 +97,7 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
             rows += [_record(runs_dir, r, context) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         summary = _summarize(rows, runs_dir, context, memory, time.perf_counter() - t0)
+        summary["passes"] = [len(group) for group in passes]
     finally:
         for r in readers:
             r.close()
@@ -128,7 +130,6 @@ class _Experiment:
 
 
 def _experiments(cfg: TrainConfig) -> list[_Experiment]:
-    _check_config(cfg)
     torch_axes = list(itertools.product(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.dropout,
                                         cfg.label_smoothing, cfg.seed))
     out: list[_Experiment] = []
@@ -143,23 +144,23 @@ def _experiments(cfg: TrainConfig) -> list[_Experiment]:
     return list(dict.fromkeys(out))      # repeated values in a list make one experiment
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def _check_config(cfg: TrainConfig, has_val: bool) -> None:
     def bad(what: str, fix: str):
         raise ValueError(f"{what}: {fix}")
 
     for name, allowed in (("head", HEADS), ("optimizer", OPTIMIZERS), ("activation", ACTIVATIONS)):
-        values = getattr(cfg, name)
-        if not values:
+        if not getattr(cfg, name):
             bad(f"--{name} is empty", "give at least one value")
-        for v in values:
+        for v in getattr(cfg, name):
             if v not in allowed:
                 bad(f"unknown --{name} {v!r}", f"choose from {', '.join(allowed)}")
-    for name, lo, hi in (("lr", 0, None), ("weight_decay", 0, None), ("dropout", 0, 1),
-                         ("label_smoothing", 0, 1), ("C", 0, None)):
+    positive, fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+    rules = {"lr": positive, "C": positive, "weight_decay": (lambda v: v >= 0, ">= 0"),
+             "dropout": fraction, "label_smoothing": fraction}
+    for name, (ok, text) in rules.items():
         for v in getattr(cfg, name):
-            if not (v >= lo and (hi is None or v < hi)) or (name in ("lr", "C") and v <= 0):
-                rng = f"in [{lo}, {hi})" if hi is not None else ("> 0" if name in ("lr", "C") else ">= 0")
-                bad(f"--{name.replace('_', '-')} {v}", f"use values {rng}")
+            if not ok(v):
+                bad(f"--{name.replace('_', '-')} {v}", f"use values {text}")
     if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
         bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
     if cfg.schedule not in SCHEDULES:
@@ -174,6 +175,8 @@ def _check_config(cfg: TrainConfig) -> None:
             bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 0")
     if not 0 <= cfg.val_fraction < 1:
         bad(f"--val-fraction {cfg.val_fraction}", "use a fraction in [0, 1)")
+    if cfg.patience and not (has_val or cfg.val_fraction > 0):
+        bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 
 
 def _passes(experiments: list[_Experiment], dim: int, n_classes: int, cfg: TrainConfig
@@ -189,7 +192,8 @@ def _passes(experiments: list[_Experiment], dim: int, n_classes: int, cfg: Train
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]
-        head_bytes = 4 * 4 * sum((i + 1) * o for i, o in zip(dims[:-1], dims[1:]))  # p, grad, 2 states
+        # float32 parameters, gradients and two optimizer states per head
+        head_bytes = 4 * 4 * sum((i + 1) * o for i, o in zip(dims[:-1], dims[1:]))
         size = max(1, cfg.max_memory // 4 // head_bytes)
         group = sorted(group, key=lambda e: e.dropout)   # equal dropout: one masked input each
         out += [group[i:i + size] for i in range(0, len(group), size)]
@@ -303,7 +307,8 @@ def _rebatch(pieces, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def _tensors(xs, ys) -> tuple[torch.Tensor, torch.Tensor]:
     x = xs[0] if len(xs) == 1 else np.concatenate(xs)
     y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-    return torch.from_numpy(np.ascontiguousarray(x)).float(), torch.from_numpy(np.asarray(y, np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(x)).float()          # float16 caches: upcast here
+    return x, torch.from_numpy(np.asarray(y, np.int64))
 
 
 def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list):
@@ -323,7 +328,8 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
         labels = reader.labels
         if (labels >= len(reader.class_names)).any():
             raise ValueError(f"{role} cache {reader.path} has labels beyond its "
-                             f"{len(reader.class_names)} class names: the cache is damaged, re-extract it")
+                             f"{len(reader.class_names)} class names: the cache is damaged, "
+                             "re-extract it")
         unlabeled = int((labels < 0).sum())
         if unlabeled:
             log.warning("%s cache %s: %d unlabeled rows ignored", role, reader.path, unlabeled)
@@ -335,10 +341,10 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
     if val_path is None and cfg.val_fraction > 0:
         in_val = _hash_split(train_reader.paths, cfg.val_fraction)
         val = _Split("val", train_reader, np.flatnonzero(keep & in_val))
-        keep &= ~in_val
         if not len(val.rows):
             raise ValueError(f"--val-fraction {cfg.val_fraction} of {int(keep.sum())} labeled rows "
                              "selected no validation rows: give --val VAL.h5 or a larger fraction")
+        keep &= ~in_val
     for path, role in ((val_path, "val"), (test_path, "test")):
         if path is None:
             continue
@@ -373,8 +379,6 @@ def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
     if train.nbytes <= cfg.max_memory:
         train.load()
         used, window = train.nbytes, cfg.shuffle_chunks or len(train.chunks)
-        if cfg.shuffle_chunks and cfg.shuffle_chunks * chunk_bytes > cfg.max_memory:
-            raise ValueError(_window_error(cfg, chunk_bytes))
     else:
         # Stream: a window of chunks for training plus one chunk for streamed evaluation.
         window = cfg.shuffle_chunks or cfg.max_memory // chunk_bytes - 1
@@ -382,9 +386,9 @@ def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
             raise ValueError(_window_error(cfg, chunk_bytes))
         used = window * chunk_bytes
         if "logreg" in cfg.head:
-            raise ValueError(f"logreg heads need the training features in RAM ({_size(train.nbytes)}, "
-                             f"more than --max-memory {_size(cfg.max_memory)}): raise --max-memory "
-                             "or train linear heads")
+            raise ValueError(f"logreg heads need the training features in RAM "
+                             f"({_size(train.nbytes)}, more than --max-memory "
+                             f"{_size(cfg.max_memory)}): raise --max-memory or train linear heads")
     streamed = False
     for split in evals:
         if train.ram is not None and used + split.nbytes <= cfg.max_memory:
@@ -393,8 +397,9 @@ def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
         else:
             streamed = True
     return {"max_memory": cfg.max_memory, "train": "ram" if train.ram is not None else "stream",
-            "eval": "stream" if streamed else "ram", "window_chunks": int(min(window, len(train.chunks))),
-            "chunk_bytes": chunk_bytes, "planned_feature_bytes": used + (chunk_bytes if streamed else 0)}
+            "eval": "stream" if streamed else "ram",
+            "window_chunks": int(min(window, len(train.chunks))), "chunk_bytes": chunk_bytes,
+            "planned_feature_bytes": used + (chunk_bytes if streamed else 0)}
 
 
 def _window_error(cfg: TrainConfig, chunk_bytes: int) -> str:
@@ -416,7 +421,8 @@ def _class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tenso
     if mode == "none":
         return None
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    w = np.divide(len(labels), (counts > 0).sum() * counts, out=np.zeros(n_classes), where=counts > 0)
+    w = np.divide(len(labels), (counts > 0).sum() * counts, out=np.zeros(n_classes),
+                  where=counts > 0)
     return torch.tensor(w, dtype=torch.float32)
 
 
@@ -472,7 +478,7 @@ def _train_pass(group: list[_Experiment], ctx: _Context, label: str) -> list[_Re
             correct += (logits.detach().argmax(-1) == y[:, None]).sum(0)
             step += 1
         n = len(ctx.train.rows)
-        ev = _evaluate(stack, ctx.val, ctx.class_names) if ctx.val else None
+        ev = evaluate(stack, ctx.val.batches(), ctx.class_names) if ctx.val else None
         for h in active.nonzero().flatten().tolist():
             row = {"epoch": epoch, "lr": group[h].lr * scale, "train_loss": loss_sum[h].item() / n,
                    "train_acc": correct[h].item() / n}
@@ -490,7 +496,7 @@ def _train_pass(group: list[_Experiment], ctx: _Context, label: str) -> list[_Re
         _log_epoch(label, group, epoch, cfg.epochs, history, active, time.perf_counter() - t0)
         if not bool(active.any()):
             break
-    if cfg.patience:                                                     # keep each head's best epoch
+    if cfg.patience:                                           # keep each head's best epoch
         with torch.no_grad():
             for b, p in zip(best_params, stack.params):
                 p.copy_(b)
@@ -502,7 +508,7 @@ def _finish(stack: HeadStack, group, history, best_epochs, ctx: _Context, extra)
     finals = [{} for _ in group]
     for split in (ctx.val, ctx.test):
         if split is not None:
-            for f, m in zip(finals, _evaluate(stack, split, ctx.class_names)):
+            for f, m in zip(finals, evaluate(stack, split.batches(), ctx.class_names)):
                 f[split.role] = m
     return [_Result(e, stack.head_state(h), history[h], best_epochs[h], finals[h], extra.get(h, {}))
             for h, e in enumerate(group)]
@@ -535,93 +541,23 @@ def _log_epoch(label, group, epoch, epochs, history, active, seconds) -> None:
 
 
 def _fit_logreg(group: list[_Experiment], ctx: _Context) -> list[_Result]:
-    """scikit-learn LogisticRegression per C on the training rows, saved as a linear layer that
-    takes raw features (a fitted standardization is folded into its weight and bias)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+    """One scikit-learn LogisticRegression per C, each kept as the linear layer it is."""
     cfg, train, c = ctx.cfg, ctx.train, len(ctx.class_names)
-    x, y = np.asarray(train.ram, dtype=np.float32), train.labels               # (N, D), (N,)
-    if len(np.unique(y)) < 2:
-        raise ValueError("logreg needs training rows of at least two classes")
-    scaler = StandardScaler().fit(x) if cfg.logreg_standardize else None
-    xs = scaler.transform(x) if scaler else x
+    x, y = np.asarray(train.ram, dtype=np.float32), train.labels                # (N, D), (N,)
+    scaler = standard_scaler(x) if cfg.logreg_standardize else None
     stack = HeadStack(train.reader.feature_dim, c, seeds=[0] * len(group))
-    extra, history = {}, []
+    extra = {}
     for h, e in enumerate(group):
-        clf = LogisticRegression(C=e.C, max_iter=cfg.logreg_max_iter,
-                                 class_weight="balanced" if cfg.class_weight == "balanced" else None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", category=ConvergenceWarning)
-            clf.fit(xs, y)
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        for w in caught:
-            if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn(w.message, w.category, stacklevel=2)
-        if not converged:
+        state, extra[h] = fit_logreg(x, y, c, e.C, cfg.logreg_max_iter,
+                                     "balanced" if cfg.class_weight == "balanced" else None, scaler)
+        stack.set_head(h, state)
+        if not extra[h]["converged"]:
             log.warning("logreg C=%g did not converge in %d iterations: raise --logreg-max-iter",
                         e.C, cfg.logreg_max_iter)
-        weight, bias = _fold_logreg(clf, scaler, c)
-        stack.set_head(h, {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)})
-        extra[h] = {"n_iter": int(np.max(clf.n_iter_)), "converged": converged,
-                    "standardized": scaler is not None}
-        history.append([])
-    train_metrics = _evaluate(stack, train, ctx.class_names)
-    results = _finish(stack, group, history, [None] * len(group), ctx, extra)
-    for r, m in zip(results, train_metrics):
+    results = _finish(stack, group, [[] for _ in group], [None] * len(group), ctx, extra)
+    for r, m in zip(results, evaluate(stack, train.batches(), ctx.class_names)):
         r.final["train"] = m
     return results
-
-
-def _fold_logreg(clf, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (C, D), bias (C,)) float32 of the linear layer equal to scaler + clf on raw x.
-    Binary fits become +-w/2 (softmax of that is the sigmoid); absent classes get -1e4 bias."""
-    coef, intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
-    if scaler is not None:                         # w.(x - m)/s + b = (w/s).x + b - (w/s).m
-        coef = coef / scaler.scale_
-        intercept = intercept - coef @ scaler.mean_
-    if len(clf.classes_) == 2:
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.hstack([-intercept / 2, intercept / 2])
-    weight = np.zeros((n_classes, coef.shape[1]))
-    bias = np.full(n_classes, -1e4)
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    return weight.astype(np.float32), bias.astype(np.float32)
-
-
-# --------------------------------------------------------------------------------- metrics
-
-@torch.no_grad()
-def _evaluate(stack: HeadStack, split: _Split, class_names: list[str]) -> list[dict]:
-    """Per head: top-1, top-5 (5+ classes), balanced accuracy, log loss, per-class accuracy and
-    confusion matrix (rows: true class, columns: predicted) over every row of `split`."""
-    k, c = stack.k, len(class_names)
-    confusion = torch.zeros(k * c * c, dtype=torch.long)
-    nll, top5, n = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long), 0
-    offsets = torch.arange(k) * c * c
-    for x, y in split.batches():
-        logits = stack.forward(x)                                           # (B, K, C)
-        logp = logits.log_softmax(-1)
-        nll -= logp.gather(2, y.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2).double().sum(0)
-        cells = offsets[None, :] + y[:, None] * c + logits.argmax(-1)       # (B, K)
-        confusion += torch.bincount(cells.flatten(), minlength=k * c * c)
-        if c >= 5:
-            top5 += (logits.topk(5, -1).indices == y[:, None, None]).any(-1).sum(0)
-        n += len(y)
-    out = []
-    for h, cm in enumerate(confusion.view(k, c, c).numpy()):
-        support = cm.sum(1)
-        recall = [float(cm[i, i] / support[i]) if support[i] else None for i in range(c)]
-        out.append({
-            "rows": n,
-            "top1": float(np.trace(cm) / n),
-            "top5": float(top5[h] / n) if c >= 5 else None,
-            "balanced_accuracy": float(np.mean([r for r in recall if r is not None])),
-            "log_loss": float(nll[h] / n),
-            "per_class_accuracy": dict(zip(class_names, recall)),
-            "confusion_matrix": cm.tolist(),
-        })
-    return out
 
 
 # --------------------------------------------------------------------------------- records
@@ -656,13 +592,13 @@ def _record(runs_dir: Path, r: _Result, ctx: _Context) -> dict:
         "n_classes": len(ctx.class_names), "hidden": list(e.hidden or ()),
         "activation": e.activation, "input": "raw cached features, float32",
         "class_names": list(ctx.class_names), "hyperparameters": e.params(),
-        "config": asdict(ctx.cfg), "best_epoch": r.best_epoch, **r.extra,
+        "config": asdict(ctx.cfg), "best_epoch": r.best_epoch,
+        "weights_epoch": r.best_epoch if ctx.cfg.patience else (len(r.history) or None), **r.extra,
         "cache": {"path": str(ctx.train.reader.path), "fingerprint": mf.feature_fingerprint(m),
                   **{k: m.get(k) for k in (*mf.FEATURE_KEYS, "layer_alias")}},
         "data": {"train_rows": len(ctx.train.rows),
                  "val_rows": len(ctx.val.rows) if ctx.val else 0,
-                 "val": (str(ctx.val.reader.path) if ctx.val and ctx.val.reader is not ctx.train.reader
-                         else f"hash split of train, fraction {ctx.cfg.val_fraction}" if ctx.val else None),
+                 "val": _val_source(ctx),
                  "data_seed": ctx.cfg.data_seed, "shuffle_window_chunks": ctx.window},
         "versions": {"pipeline": __version__, "torch": torch.__version__},
     }
@@ -689,7 +625,16 @@ def _record(runs_dir: Path, r: _Result, ctx: _Context) -> dict:
     }
 
 
-def _summarize(rows: list[dict], runs_dir: Path, ctx: _Context, memory: dict, seconds: float) -> dict:
+def _val_source(ctx: _Context) -> str | None:
+    if ctx.val is None:
+        return None
+    if ctx.val.reader is ctx.train.reader:
+        return f"hash split of the train cache, fraction {ctx.cfg.val_fraction}"
+    return str(ctx.val.reader.path)
+
+
+def _summarize(rows: list[dict], runs_dir: Path, ctx: _Context, memory: dict, seconds: float
+               ) -> dict:
     if ctx.val is not None:
         rows.sort(key=lambda r: (-r["val_acc"], r["val_loss"], r["run_id"]))
         ranked_by = "validation accuracy"
@@ -698,7 +643,8 @@ def _summarize(rows: list[dict], runs_dir: Path, ctx: _Context, memory: dict, se
         ranked_by = "training loss (no validation data: give --val or --val-fraction)"
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    held = sum(s.ram.nbytes for s in (ctx.train, ctx.val, ctx.test) if s is not None and s.ram is not None)
+    held = sum(s.ram.nbytes for s in (ctx.train, ctx.val, ctx.test)
+               if s is not None and s.ram is not None)
     memory["peak_feature_bytes"] = held + ctx.train.peak_group_bytes + (
         memory["chunk_bytes"] if memory["eval"] == "stream" else 0)
     return {

@@ -1,0 +1,176 @@
+"""`pipeline train-head`: a sweep of heads on a feature cache, and its leaderboard."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from pipeline.config import TrainConfig
+
+from .main_helpers import defaults, fail_on_value_error
+
+_D = defaults(TrainConfig)
+_HEADS = ("linear", "mlp", "logreg")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class _List(click.ParamType):
+    """A comma-separated list, each item converted by `item` (a sweep axis)."""
+    name = "list"
+
+    def __init__(self, item, choices: tuple[str, ...] | None = None, metavar: str = "A,B"):
+        self.item, self.choices, self.metavar = item, choices, metavar
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return self.metavar
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError as e:
+            self.fail(f"{value!r} is not a comma-separated list of {self.metavar} ({e})",
+                      param, ctx)
+        if not items:
+            self.fail("give at least one value", param, ctx)
+        bad = [v for v in items if self.choices and v not in self.choices]
+        if bad:
+            self.fail(f"{bad[0]!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+class _Size(click.ParamType):
+    """A byte count: 4G, 512M, 1.5GiB, 1000000 (K/M/G/T are powers of 1024)."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+        if not m:
+            self.fail(f"{value!r} is not a size such as 4G, 512M or 1000000", param, ctx)
+        return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    sizes = tuple(int(h) for h in text.lower().split("x"))
+    if min(sizes) < 1:
+        raise ValueError("layer sizes must be >= 1")
+    return sizes
+
+
+def _shown(values) -> str:
+    return ",".join("x".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}"
+                    if isinstance(v, float) else str(v) for v in values)
+
+
+def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
+    return click.option(f"--{name.replace('_', '-')}", name, type=_List(item, choices, metavar),
+                        default=_D[name], show_default=_shown(_D[name]), help=help)
+
+
+@click.command("train-head")
+@click.argument("train", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-o", "--output", "runs_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True,
+              help="Folder for the runs (RUNS/<run-id>/), results.csv and summary.json.")
+@click.option("--val", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Validation cache (same backbone, weights, cut, preprocessing and classes).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=_D["val_fraction"], show_default=True,
+              help="Without --val: hold out this fraction of TRAIN for validation, chosen by a "
+                   "hash of each image path (adding images never moves old ones); 0: none.")
+@click.option("--test", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Test cache: measured for every head, never used to pick one.")
+@_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
+       "(scikit-learn LogisticRegression).", _HEADS, "KIND,...")
+@_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
+       metavar="H[xH],...")
+@_axis("activation", str, "mlp activations.", ("relu", "gelu", "tanh"), "ACT,...")
+@_axis("optimizer", str, "Optimizers: adamw, sgd (with --momentum).", ("adamw", "sgd"), "OPT,...")
+@_axis("lr", float, "Learning rates.", metavar="LR,...")
+@_axis("weight_decay", float, "Weight decays (decoupled for adamw, L2 for sgd).", metavar="WD,...")
+@_axis("dropout", float, "Dropout on the input features (and mlp hidden layers); 0.5 brings back "
+       "the tutorial's train-mode dropout after fc7.", metavar="P,...")
+@_axis("label_smoothing", float, "Label smoothing of the cross-entropy.", metavar="EPS,...")
+@_axis("seed", int, "Head initialisation seeds.", metavar="SEED,...")
+@_axis("C", float, "logreg inverse regularisation strengths.", metavar="C,...")
+@click.option("--epochs", type=click.IntRange(min=1), default=_D["epochs"], show_default=True,
+              help="Passes over the training rows.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"],
+              show_default=True, help="Rows per step.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=_D["momentum"], show_default=True,
+              help="sgd momentum.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
+              default=_D["schedule"], show_default=True,
+              help="Learning-rate schedule: cosine decays per step to 0; step multiplies by 0.1 "
+                   "every --lr-step epochs.")
+@click.option("--lr-step", type=click.IntRange(min=0), default=_D["lr_step"], show_default=True,
+              help="Period of the step schedule in epochs; 0: a third of --epochs.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]),
+              default=_D["class_weight"], show_default=True,
+              help="balanced: weigh classes by n / (classes x count), as scikit-learn.")
+@click.option("--patience", type=click.IntRange(min=0), default=_D["patience"], show_default=True,
+              help="Early stopping: stop a head after this many epochs without better validation "
+                   "accuracy (ties: lower loss) and keep its best epoch; 0: off.")
+@click.option("--data-seed", type=int, default=_D["data_seed"], show_default=True,
+              help="Seed of the batch order and dropout noise, shared by all heads.")
+@click.option("--shuffle-chunks", type=click.IntRange(min=0), default=_D["shuffle_chunks"],
+              show_default=True,
+              help="Shuffle window in HDF5 chunks; 0: every chunk that fits in --max-memory.")
+@click.option("--max-memory", type=_Size(), default=_D["max_memory"], show_default="4G",
+              help="Features held in RAM at most (4G, 512M); a larger cache is streamed from "
+                   "HDF5 in shuffled whole chunks.")
+@click.option("--logreg-max-iter", type=click.IntRange(min=1), default=_D["logreg_max_iter"],
+              show_default=True, help="lbfgs iterations per logreg fit.")
+@click.option("--logreg-standardize/--no-logreg-standardize", default=_D["logreg_standardize"],
+              show_default=True, help="Fit logreg on standardized features (folded into the "
+                                      "saved layer, which takes raw features).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Use the committed rows of caches whose extraction did not finish.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+@fail_on_value_error
+def train_head_command(ctx: click.Context, train: Path, runs_dir: Path, val: Path | None,
+                       test: Path | None, as_json: bool, **options) -> None:
+    """Train many heads on the cached features in TRAIN, in one pass per head shape, and
+    print a leaderboard sorted by validation accuracy.
+
+    Comma-separated values are swept: --lr 1e-3,1e-2 --weight-decay 0,1e-4 --dropout 0,0.5
+    --seed 0,1,2 is 24 experiments, trained together. Each run lands in RUNS/<run-id>/ (head.pt,
+    head.json, metrics.json); RUNS/results.csv has one row per experiment.
+    """
+    from pipeline.train_head import train_head
+
+    if val is not None and ctx.get_parameter_source("val_fraction").name == "COMMANDLINE":
+        raise click.UsageError("give --val or --val-fraction, not both")
+    summary = train_head(train, runs_dir, TrainConfig(**options), val_path=val, test_path=test)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(_table(summary["leaderboard"]))
+    best = summary["leaderboard"][0]
+    click.echo(f"\n{summary['experiments']} experiments, ranked by {summary['ranked_by']}, "
+               f"{summary['seconds']:.1f} s. Results: {summary['results_csv']}")
+    click.echo(f"best: {best['run_id']}  ->  {best['path']}")
+
+
+def _table(rows: list[dict], limit: int = 40) -> str:
+    """The leaderboard as aligned text columns (the first `limit` rows)."""
+    columns = [("rank", "#"), ("run_id", "run"), ("val_acc", "val acc"),
+               ("val_balanced_acc", "bal acc"), ("val_top5", "top5"), ("val_loss", "val loss"),
+               ("train_loss", "train loss"), ("test_acc", "test acc"), ("epochs_run", "epochs")]
+    columns = [(k, title) for k, title in columns if any(r.get(k) is not None for r in rows)]
+    cells = [[title for _, title in columns]]
+    for r in rows[:limit]:
+        cells.append(["" if r.get(k) is None else f"{r[k]:.4f}" if isinstance(r[k], float)
+                      else str(r[k]) for k, _ in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w)          # run ids left-aligned
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more in results.csv")
+    return "\n".join(lines)

@@ -1,0 +1,568 @@
+"""`export()`: stitch a trained head onto the frozen backbone that made its features, as one model.
+
+    from pipeline.config import ExportConfig
+    from pipeline.export import export, load_model
+    summary = export("runs/linear-adamw-.../", "model.pt2", ExportConfig(format="pt2"))
+    model = load_model("model.pt2")
+    logits = model.run(images)          # (N, 3, S, S) float in [0, 1]  ->  (N, C)
+
+The backbone is rebuilt from the cache manifest the head records (same weights: the SHA-256 of
+its state_dict must equal the manifest's), cut at the same layer, with the normalisation inside.
+The model takes a float RGB batch in [0, 1] at the manifest's crop size, N dynamic, and returns
+logits. Its metadata (class names, preprocessing, backbone, head) travels with it:
+
+    pt2          torch.export archive, metadata in extra file `pipeline.json` (loading unpickles
+                 code: treat the file as code)
+    onnx         ONNX, dynamic batch, metadata in `metadata_props["pipeline"]`
+    torchvision  a plain state_dict for torchvision.models.<vgg>(num_classes=C) (fc7 cut and a
+                 linear head only: the tutorial's fine-tuned model) plus a MODEL.json sidecar;
+                 that model expects *normalised* input (mean/std in the sidecar)
+
+Before the file gets its name, the written model is loaded back and run on images the cache holds;
+its logits must equal the head's on the cached features within the rounding of the cache (parity).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from cache import manifest as mf
+from cache.store import CacheReader
+
+from . import __version__
+from .backbone import FrozenBackbone, Preprocessing, build_backbone, to_float_batch
+from .config import ExportConfig
+from .heads import load_head
+from .images import BadImageError, read_image
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "pipeline-model/1"
+FORMATS = {"pt2": (".pt2",), "onnx": (".onnx",), "torchvision": (".pth", ".pt")}
+META_NAME = "pipeline.json"          # pt2 extra file / ONNX metadata_props key (as "pipeline")
+FC7 = ("classifier.4", "classifier.5")   # fc7 after its ReLU; .5 is Dropout, identity in eval
+# Relative error of a cached feature against a fresh float32 forward pass of the same network:
+# the storage dtype's rounding plus the error of the precision it was computed in (autocast).
+# float32 keeps room for two implementations of the same convolutions (eager, exported, ONNX RT).
+_STORAGE_EPS = {"float16": 2.0 ** -11, "float32": 0.0}
+_COMPUTE_EPS = {"float32": 1e-5, "float16": 4 * 2.0 ** -11, "bfloat16": 4 * 2.0 ** -8}
+_SIGMAS = 6.0        # tolerance = this many standard deviations of the propagated rounding error
+_ATOL = 1e-5         # plus an absolute floor for float32 caches of tiny logits
+_GELU_SLOPE = 1.13   # steepest slope of GELU (1.129): how much it can amplify an input error
+_PARITY_TRIES = 200  # cached rows tried at most when looking for reachable, unchanged images
+
+
+@dataclass
+class ExportSummary:
+    """What `export()` wrote; `parity` is None when the check was skipped."""
+    path: str
+    files: list            # every file written (the torchvision format adds MODEL.json)
+    format: str
+    size_bytes: int
+    class_names: list
+    input_size: int
+    parity: dict | None    # images, max_abs_diff, tolerance
+    seconds: float
+    meta: dict
+
+    def line(self) -> str:
+        b = self.meta["backbone"]
+        text = (f"{self.path}: {self.format}, {self.size_bytes / 2**20:.1f} MiB, {b['backbone']} "
+                f"{b['layer_alias'] or b['layer']} + {self.meta['head']['kind']} head, "
+                f"{len(self.class_names)} classes, input (N, 3, {self.input_size}, "
+                f"{self.input_size}) float in [0, 1]")
+        if self.parity is None:
+            return text + "; parity check SKIPPED"
+        p = self.parity
+        return (text + f"; parity on {p['images']} cached images: max |logit diff| "
+                f"{p['max_abs_diff']:.2e} <= tolerance {p['tolerance']:.2e}")
+
+
+def export(head_path: str | Path, output: str | Path, config: ExportConfig = ExportConfig()
+           ) -> ExportSummary:
+    """Write the head at `head_path` (a run folder, its head.pt or head.json) stitched onto its
+    backbone as one model file `output`, after checking it reproduces the head on cached images.
+
+    Raises ValueError for user mistakes: unknown or corrupt head, weights other than the cache's,
+    a format this head cannot take, no reachable cached images, a failed parity check.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    _check_request(config, output)
+    head, meta = _load_head(head_path)
+    _check_format_fits(config.format, meta)
+    reader = _open_cache(config, meta) if config.parity_check else None
+    try:
+        # The images first: a cheap refusal before the expensive rebuild and write.
+        probe = (None if reader is None else _parity_images(
+            reader, Preprocessing.from_dict(meta["cache"]["preprocessing"]), config))
+        backbone, info = _rebuild_backbone(meta, config.weights)
+        model_meta = _model_meta(config.format, meta, info)
+        model = _Stitched(backbone, head)
+        tmp_dir = output.parent / f".{output.name}.exporting"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        try:
+            files = _WRITERS[config.format](model, model_meta, tmp_dir / output.name)
+            parity = None
+            if probe is not None:
+                parity = _parity(load_model(tmp_dir / output.name), head, reader, *probe)
+            final = [output.parent / f.name for f in files]
+            for f, dest in zip(files, final):
+                os.replace(f, dest)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    finally:
+        if reader is not None:
+            reader.close()
+    return ExportSummary(str(output), [str(f) for f in final], config.format,
+                         sum(f.stat().st_size for f in final), model_meta["class_names"],
+                         info["preprocessing"]["crop_size"], parity, time.perf_counter() - t0,
+                         model_meta)
+
+
+class _Stitched(nn.Module):
+    """(N, 3, S, S) float in [0, 1] -> (N, C) logits: normalise, frozen trunk, flatten, head."""
+
+    def __init__(self, backbone: FrozenBackbone, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before any heavy work
+
+def _check_request(config: ExportConfig, output: Path) -> None:
+    if config.format not in FORMATS:
+        raise ValueError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
+    suffixes = FORMATS[config.format]
+    if output.suffix.lower() not in suffixes:
+        raise ValueError(f"-o {output}: a {config.format} model file ends in "
+                         f"{' or '.join(suffixes)}; name it {output.with_suffix(suffixes[0])} "
+                         f"or pick the format that matches")
+    if output.is_dir():
+        raise ValueError(f"-o {output} is a folder: give a file name such as "
+                         f"{output / ('model' + suffixes[0])}")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"output folder {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {parent}: choose another -o")
+    if config.parity_check and config.parity_images < 1:
+        raise ValueError(f"parity images must be at least 1, got {config.parity_images} "
+                         "(use --no-parity-check to skip the check)")
+    if config.format == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--format onnx needs the onnx extra ({e.name} is missing): "
+                             "pip install 'frozen-feature-pipeline[onnx]'") from None
+
+
+def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
+    """`heads.load_head` with every way a head file can be wrong turned into one ValueError."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no head at {path}: pass a run folder written by `pipeline train-head` "
+                         "or its head.pt/head.json")
+    if path.is_file() and path.name not in ("head.pt", "head.json"):
+        raise ValueError(f"{path} is not a head file: pass a run folder written by "
+                         "`pipeline train-head` or its head.pt/head.json")
+    try:
+        head, meta = load_head(path)
+    except ValueError as e:
+        if not isinstance(e, json.JSONDecodeError):
+            raise   # load_head's own one-line refusals
+        raise ValueError(f"head {path} is corrupt (head.json is not JSON: {e}): retrain it with "
+                         "`pipeline train-head` or pick another run") from None
+    except Exception as e:   # truncated zip, wrong tensor shapes, missing keys, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"head {path} is corrupt ({type(e).__name__}: {reason[:200]}): "
+                         "retrain it with `pipeline train-head` or pick another run") from None
+    cache = meta.get("cache")
+    needed = ("backbone", "weights", "weights_sha256", "layer", "feature_dim", "preprocessing",
+              "precision", "dtype")
+    if not isinstance(cache, dict) or any(k not in cache for k in needed):
+        raise ValueError(f"head {path} does not record the cache it was trained on: "
+                         "retrain it with `pipeline train-head`")
+    if int(meta["in_dim"]) != int(cache["feature_dim"]):
+        raise ValueError(f"head {path} is corrupt: it takes {meta['in_dim']} features but its "
+                         f"cache has {cache['feature_dim']}: retrain it")
+    return head, meta
+
+
+def _check_format_fits(fmt: str, meta: dict) -> None:
+    if fmt != "torchvision":
+        return
+    cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
+    if meta["cache"]["layer"] not in FC7 or meta["kind"] not in ("linear", "logreg"):
+        raise ValueError(f"--format torchvision is the tutorial's VGG with a new last layer: it "
+                         f"needs the fc7 cut and a linear (or logreg) head, this is a "
+                         f"{meta['kind']} head on {cut}: use --format pt2 or onnx")
+
+
+def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
+    """The cache whose images and features drive the parity check (same features as the head's)."""
+    path = Path(config.cache or meta["cache"].get("path") or "")
+    if not path.is_file():
+        raise ValueError(f"the parity check needs the cache the head was trained on, and "
+                         f"{str(path) or 'none'} is not there: pass --cache PATH, or "
+                         "--no-parity-check to export without the check")
+    reader = CacheReader(path)
+    keys = tuple(k for k in mf.FEATURE_KEYS if k != "dtype")   # float32 vs float16 is fine
+    diff = mf.differences(meta["cache"], reader.manifest, keys)
+    if diff:
+        reader.close()
+        raise ValueError(f"cache {path} holds other features than the head was trained on "
+                         f"({'; '.join(diff)}): pass --cache with a cache of the same features")
+    return reader
+
+
+def _weights_arg(recorded: str, given: str | None) -> str:
+    """The --weights value that rebuilds the recorded weights ('vgg16:IMAGENET1K_V1' -> name)."""
+    if given:
+        return given
+    if recorded == "none":
+        return "none"
+    if recorded.startswith("file:"):
+        raise ValueError(f"the cache was extracted with the local weights file {recorded[5:]}: "
+                         "pass it again with --weights PATH")
+    return recorded.split(":", 1)[1] if ":" in recorded else recorded
+
+
+def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, dict]:
+    """The frozen backbone of the head's cache, proven to be the same by its weights' SHA-256."""
+    m = meta["cache"]
+    arg = _weights_arg(m["weights"], weights)
+    if arg.lower() == "none":
+        log.warning("the cache was made with RANDOM-INIT %s weights (none): so is the model",
+                    m["backbone"])
+    backbone, info = build_backbone(m["backbone"], arg, m["layer"],
+                                    image_size=m["preprocessing"]["crop_size"])
+    if info["weights_sha256"] != m["weights_sha256"]:
+        raise ValueError(f"weights {info['weights']} (state_dict sha256 "
+                         f"{info['weights_sha256'][:12]}) are not the weights the cache was "
+                         f"extracted with ({m['weights']}, sha256 {m['weights_sha256'][:12]}): "
+                         "pass those with --weights, or re-extract and retrain with these")
+    if info["preprocessing"] != m["preprocessing"] or info["feature_dim"] != m["feature_dim"]:
+        diff = mf.differences(m, info, ("preprocessing", "feature_dim"))
+        raise ValueError(f"the rebuilt backbone differs from the cache's ({'; '.join(diff)}): "
+                         "export with the torchvision version that extracted the cache")
+    return backbone, {**info, "layer_alias": m.get("layer_alias")}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def _model_meta(fmt: str, meta: dict, info: dict) -> dict:
+    """Everything a user of the model file needs, as plain JSON."""
+    c = int(meta["n_classes"])
+    names = list(meta.get("class_names") or []) or [str(i) for i in range(c)]
+    s = info["preprocessing"]["crop_size"]
+    out = {
+        "format": MODEL_FORMAT,
+        "model_format": fmt,
+        "class_names": names,
+        "input": {"shape": ["N", 3, s, s], "dtype": "float32", "range": [0.0, 1.0],
+                  "channels": "RGB", "normalized_inside": fmt != "torchvision"},
+        "output": "logits (N, C); softmax over C gives class probabilities",
+        "preprocessing": info["preprocessing"],
+        "backbone": {k: info[k] for k in ("backbone", "weights", "weights_sha256", "layer",
+                                          "layer_alias", "feature_dim")},
+        "cache": {k: meta["cache"].get(k) for k in ("path", "fingerprint", "precision", "dtype")},
+        "head": {k: meta.get(k) for k in ("run_id", "kind", "in_dim", "n_classes", "hidden",
+                                          "activation", "hyperparameters")},
+        "versions": {"pipeline": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__},
+    }
+    if fmt == "torchvision":
+        out["torchvision"] = {"model": info["backbone"], "num_classes": c,
+                              "usage": f"m = torchvision.models.{info['backbone']}"
+                                       f"(num_classes={c}); m.load_state_dict(torch.load(FILE, "
+                                       "weights_only=True)); m.eval(); "
+                                       "logits = m(normalize(x, mean, std))"}
+    return out
+
+
+def _example(model: _Stitched, meta: dict) -> torch.Tensor:
+    """An example input batch; of 2, since torch.export specialises a batch of 1 to a constant."""
+    s = meta["preprocessing"]["crop_size"]
+    return torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+
+
+def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (_example(model, meta),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path, extra_files={META_NAME: json.dumps(meta)})
+    return [path]
+
+
+def _write_onnx(model: _Stitched, meta: dict, path: Path) -> list[Path]:
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet("onnxscript", "onnx_ir"):   # they log every optimisation pass at INFO
+        program = torch.onnx.export(model, (_example(model, meta),), None, dynamo=True,
+                                    verbose=False, dynamic_shapes=({0: batch},),
+                                    input_names=["images"], output_names=["logits"])
+    program.model.metadata_props["pipeline"] = json.dumps(meta)
+    program.save(path, external_data=False)   # VGGs stay well under protobuf's 2 GB
+    return [path]
+
+
+def _write_torchvision(model: _Stitched, meta: dict, path: Path) -> list[Path]:
+    """The state_dict of torchvision's VGG with classifier.6 = the head (strictly checked)."""
+    trunk = model.backbone.trunk   # Sequential(features, avgpool, Flatten, classifier[:5])
+    state = {f"features.{k}": v for k, v in trunk[0].state_dict().items()}
+    state |= {f"classifier.{k}": v for k, v in trunk[3].state_dict().items()}
+    state |= {f"classifier.6.{k}": v for k, v in model.head.state_dict().items()}
+    with torch.device("meta"):
+        vgg = getattr(torchvision.models, meta["backbone"]["backbone"])(
+            num_classes=meta["torchvision"]["num_classes"])
+    vgg.load_state_dict(state, strict=True, assign=True)   # raises if a key is missing or extra
+    torch.save({k: v.detach().contiguous() for k, v in state.items()}, path)
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({**meta, "weights_file": path.name}, indent=2))
+    return [path, sidecar]
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_WRITERS: dict[str, Callable[[_Stitched, dict, Path], list[Path]]] = {
+    "pt2": _write_pt2, "onnx": _write_onnx, "torchvision": _write_torchvision}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading (predict and the parity check use this)
+
+@dataclass
+class LoadedModel:
+    """An exported model: `run(x)` maps (N, 3, S, S) float32 in [0, 1] to (N, C) float32 logits."""
+    path: Path
+    format: str
+    meta: dict
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a model written by `export()`, whichever its format.
+
+    pt2 archives are loaded with torch.export.load, which unpickles code: load only files you
+    trust. ONNX and the torchvision state_dict (weights_only=True) do not.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json" and path.is_file():   # the torchvision sidecar itself
+        path = path.with_name(_read_json(path).get("weights_file", path.stem + ".pth"))
+    if not path.is_file():
+        raise ValueError(f"no model at {path}: pass a file written by `pipeline export`")
+    sidecar = path.with_suffix(".json")
+    if path.suffix.lower() in FORMATS["torchvision"]:
+        if not sidecar.is_file():
+            raise ValueError(f"{path} has no {sidecar.name} next to it: a torchvision-format "
+                             "model needs the sidecar `pipeline export` wrote with it")
+        return _load_torchvision(path, _check_meta(_read_json(sidecar), sidecar))
+    if zipfile.is_zipfile(path):
+        return _load_pt2(path)
+    return _load_onnx(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable model metadata ({e}): "
+                         "export the model again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not model metadata written by `pipeline export`")
+    return data
+
+
+def _check_meta(meta: dict, where: Path) -> dict:
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{where} is not a model written by `pipeline export` (format "
+                         f"{meta.get('format')!r}, expected {MODEL_FORMAT!r}): export it again")
+    return meta
+
+
+def _load_pt2(path: Path) -> LoadedModel:
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if not any(n.endswith("/archive_format") for n in names):
+        raise ValueError(f"{path} is a zip file but not a .pt2 archive written by "
+                         "`pipeline export`")
+    if not any(n.endswith(f"/extra/{META_NAME}") for n in names):
+        raise ValueError(f"{path} is a .pt2 archive without {META_NAME}: it was not written by "
+                         "`pipeline export`; export the model again")
+    if path.suffix.lower() != ".pt2":
+        raise ValueError(f"{path} is a .pt2 archive: rename it to {path.with_suffix('.pt2').name} "
+                         "(torch.export.load reads only .pt2 files)")
+    extra = {META_NAME: ""}
+    program = torch.export.load(path, extra_files=extra)
+    meta = _check_meta(json.loads(extra[META_NAME]), path)
+    module = program.module()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+    return LoadedModel(path, "pt2", meta, run)
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":   # an ONNX ModelProto opens with field 1, ir_version (varint)
+            raise ValueError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
+                             "ONNX nor a torchvision state_dict with its sidecar)")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError(f"{path} looks like an ONNX model, which needs onnxruntime: "
+                         "pip install 'frozen-feature-pipeline[onnx]'") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:   # onnxruntime raises its own exception types
+        raise ValueError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
+                         f"ONNX nor a torchvision state_dict with its sidecar): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    text = session.get_modelmeta().custom_metadata_map.get("pipeline")
+    if text is None:
+        raise ValueError(f"{path} is an ONNX model without pipeline metadata: it was not written "
+                         "by `pipeline export`")
+    meta = _check_meta(json.loads(text), path)
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {name: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(out[0])
+    return LoadedModel(path, "onnx", meta, run)
+
+
+def _load_torchvision(path: Path, meta: dict) -> LoadedModel:
+    tv = meta["torchvision"]
+    with torch.device("meta"):   # no random init only to overwrite it
+        vgg = getattr(torchvision.models, tv["model"])(num_classes=int(tv["num_classes"]))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        vgg.load_state_dict(state, assign=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not the state_dict its sidecar describes "
+                         f"({str(e).splitlines()[0][:200]}): export the model again") from None
+    vgg.eval().requires_grad_(False)
+    pre = meta["preprocessing"]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vgg(TF.normalize(x, pre["mean"], pre["std"]))
+    return LoadedModel(path, "torchvision", meta, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity
+
+def _parity(model: LoadedModel, head: nn.Module, reader: CacheReader, rows: list[int],
+            crops: list[torch.Tensor]) -> dict:
+    """Run `model` on cached images; its logits must equal the head's on the cached features."""
+    feats = torch.from_numpy(reader.read_rows(rows))                          # (B, D)
+    with torch.no_grad():
+        expected = head(feats)                                                # (B, C)
+    got = model.run(to_float_batch(torch.stack(crops)))                       # (B, C)
+    m = reader.manifest
+    eps = _STORAGE_EPS.get(m["dtype"], 2.0 ** -11) + _COMPUTE_EPS.get(m["precision"], 2.0 ** -8)
+    tolerance = float(_SIGMAS * _error_sigma(head, feats, eps).max() + _ATOL)
+    diff = float((got - expected).abs().max())
+    result = {"images": len(rows), "max_abs_diff": diff, "tolerance": tolerance,
+              "max_abs_logit": float(expected.abs().max()), "cache": str(reader.path)}
+    log.info("parity on %d cached images: max |logit diff| %.3g, tolerance %.3g",
+             len(rows), diff, tolerance)
+    if not diff <= tolerance:   # also catches NaN
+        raise ValueError(f"parity check failed: on {len(rows)} images of {reader.path} the "
+                         f"stitched model's logits differ from the head's on the cached features "
+                         f"by up to {diff:.3g} (tolerance {tolerance:.3g}, logits up to "
+                         f"{result['max_abs_logit']:.3g}): the images, weights or preprocessing "
+                         "are not the ones that made the cache; nothing was written")
+    return result
+
+
+def _parity_images(reader: CacheReader, pre: Preprocessing, config: ExportConfig
+                   ) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to `parity_images` rows, spread over the cache, whose image file is still there and
+    unchanged (same SHA-256), with their (3, S, S) uint8 crops, decoded as extract decodes."""
+    root = Path(config.images_root or reader.manifest.get("source_root") or ".")
+    n = reader.n_rows
+    candidates = np.unique(np.linspace(0, n - 1, min(n, _PARITY_TRIES)).round().astype(int))
+    # Interleave so the first picks spread over the whole cache (classes are contiguous).
+    order = [int(r) for k in range(4) for r in candidates[k::4]]
+    rows, crops, tried = [], [], 0
+    for r in order:
+        if len(rows) == config.parity_images:
+            break
+        tried += 1
+        try:
+            img, digest = read_image(root / reader.paths[r])
+        except BadImageError:
+            continue
+        if digest == reader.digests[r]:
+            rows.append(r)
+            crops.append(pre(img))
+    if not rows:
+        raise ValueError(f"parity check: none of the {tried} cached images tried is readable and "
+                         f"unchanged under {root}: pass --images-root with the folder the images "
+                         "now live in, --cache with another cache of the same features, or "
+                         "--no-parity-check")
+    return rows, crops
+
+
+def _error_sigma(head: nn.Module, feats: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, C) standard deviation of each logit when every feature carries an independent relative
+    error of size `eps` (rounding), propagated through the head's layers to first order."""
+    var = (eps * feats) ** 2                                                  # (B, D)
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                var = var @ (layer.weight ** 2).t()                           # (B, out)
+            elif isinstance(layer, nn.GELU):
+                var = var * _GELU_SLOPE ** 2
+            elif not isinstance(layer, (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout)):
+                raise ValueError(f"the parity check does not know head layer {layer}: "
+                                 "use --no-parity-check")    # 1-Lipschitz layers pass through
+    return var.sqrt()
+
+
+__all__ = ["FORMATS", "MODEL_FORMAT", "ExportSummary", "LoadedModel", "export", "load_model"]

@@ -1,0 +1,123 @@
+"""`predict()`: run a model written by `export()` over images; top-k classes with probabilities.
+
+    from pipeline.config import PredictConfig
+    from pipeline.predict import predict
+    result = predict("model.pt2", ["new-photos/", "one.jpg"], PredictConfig(top_k=3))
+    result.predictions[0]   # {"path": "new-photos/a.jpg",
+                            #  "top": [{"class": "cat", "index": 0, "probability": 0.93}, ...]}
+
+Images are found, decoded and preprocessed exactly as `extract` does (the same loader, with the
+preprocessing the model carries from the cache manifest), in batches, decoded in DataLoader
+workers. Bad images are reported with their reason and skipped, never replaced.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ._progress import Progress
+from .backbone import to_float_batch
+from .config import PredictConfig
+from .export import load_model
+# The loader extract uses, so prediction sees the pixels extraction saw (they could move to a
+# shared module; stages should not import each other).
+from .extract import _collate, _Images, _workers
+from .images import LIST_EXTENSIONS, ImageList, find_images
+
+
+@dataclass
+class PredictResult:
+    """Predictions in input order; `logits` (N, C) float32 has one row per prediction."""
+    model: str
+    format: str
+    class_names: list
+    predictions: list      # {"path", "top": [{"class", "index", "probability"}, ...]}
+    logits: np.ndarray
+    skipped: list          # (path, reason) of images that could not be used
+    seconds: float
+
+    def line(self) -> str:
+        n = len(self.predictions)
+        return (f"{n} images predicted with {self.model} ({self.format}), {len(self.skipped)} "
+                f"skipped, {self.seconds:.1f} s ({n / self.seconds if self.seconds else 0:.1f} "
+                f"images/s)")
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "format": self.format, "class_names": self.class_names,
+                "predictions": self.predictions,
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+
+def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfig()
+            ) -> PredictResult:
+    """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists).
+
+    Raises ValueError for user mistakes: a file that is not an exported model, a missing input,
+    a folder without images, bad settings.
+    """
+    t0 = time.perf_counter()
+    if config.top_k < 1 or config.batch_size < 1:
+        raise ValueError(f"top-k and batch size must be at least 1, got {config.top_k} and "
+                         f"{config.batch_size}")
+    images = _collect(inputs)
+    model = load_model(model_path)
+    names = model.class_names
+    k = min(config.top_k, len(names))
+    n = len(images.paths)
+    step = config.batch_size
+    batches = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
+    workers = 0 if len(batches) < 2 else _workers(config.workers, False)
+    loader = DataLoader(_Images(images, model.preprocessing), batch_sampler=batches,
+                        collate_fn=_collate, num_workers=workers)
+    predictions, blocks, skipped = [], [], []
+    with Progress(n, "predict", config.progress) as bar:
+        for batch in loader:
+            skipped += [(path, reason) for path, _, reason in batch["errors"]]
+            if batch["index"]:
+                out = model.run(to_float_batch(batch["images"])).float().numpy()   # (B, C)
+                blocks.append(out)
+                predictions += [_top(images.paths[i], row, names, k)
+                                for i, row in zip(batch["index"], _softmax(out))]
+            bar.update(len(batch["index"]) + len(batch["errors"]))
+    logits = np.concatenate(blocks) if blocks else np.empty((0, len(names)), np.float32)
+    return PredictResult(str(model_path), model.format, names, predictions, logits, skipped,
+                         time.perf_counter() - t0)
+
+
+def _collect(inputs) -> ImageList:
+    """One ImageList of every image named by `inputs`, paths as the user would write them."""
+    paths: list[str] = []
+    for arg in inputs:
+        p = Path(arg).expanduser()
+        if not p.exists():
+            raise ValueError(f"{arg} does not exist: pass image files, folders of images or "
+                             ".csv/.tsv lists")
+        if p.is_dir() or p.suffix.lower() in LIST_EXTENSIONS:
+            found = find_images(p)
+            base = p if p.is_dir() else p.parent     # list paths are relative to the list's folder
+            paths += [(base / rel).as_posix() for rel in found.paths]
+        else:
+            paths.append(p.as_posix())               # decoded as given; a non-image is reported
+    if not paths:
+        raise ValueError("no images given: pass image files or folders")
+    # Relative paths resolve against the working directory, absolute ones stay as they are.
+    return ImageList(Path.cwd(), tuple(paths), (-1,) * len(paths), (), "list")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)                                   # (B, C)
+
+
+def _top(path: str, probs: np.ndarray, names: list[str], k: int) -> dict:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return {"path": path, "top": [{"class": names[i], "index": int(i),
+                                   "probability": float(probs[i])} for i in order]}
+
+
+__all__ = ["PredictResult", "predict"]
