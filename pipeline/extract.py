@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cache import manifest as mf
 from cache.store import CacheReader, CacheWriter, assemble, finish, partial_path, read_manifest
@@ -32,7 +32,8 @@ from . import __version__
 from ._progress import Progress
 from .config import ExtractConfig
 from .backbone import Preprocessing, build_backbone, to_float_batch
-from .images import BadImageError, ImageList, file_digest, find_images, read_image
+from ._loading import ImageBatches, collate, default_workers, digest_or_blank
+from .images import ImageList, find_images
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,8 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     batches = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
-    loader = DataLoader(_Images(images, pre), batch_sampler=batches, collate_fn=_collate,
-                        num_workers=_workers(config.workers, cuda), pin_memory=cuda)
+    loader = DataLoader(ImageBatches(images, pre), batch_sampler=batches, collate_fn=collate,
+                        num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
     committer = _Committer(writer)
     autocast = (torch.autocast(device.type, dtype=_PRECISIONS[precision])
                 if precision != "float32" else _nullcontext())
@@ -276,33 +277,6 @@ class _Committer:
                 self.error = e
 
 
-class _Images(Dataset):
-    """Decodes one image to a (3, S, S) uint8 tensor, or reports why it could not."""
-
-    def __init__(self, images: ImageList, pre: Preprocessing):
-        self.images, self.pre = images, pre
-
-    def __len__(self) -> int:
-        return len(self.images.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img, digest = read_image(self.images.absolute(i))
-            return i, self.pre(img), digest, None, self.images.paths[i]
-        except BadImageError as e:
-            return i, None, _digest_or_blank(self.images.absolute(i)), str(e), self.images.paths[i]
-
-
-def _collate(items):
-    good = [it for it in items if it[3] is None]
-    return {
-        "index": [it[0] for it in good],
-        "images": torch.stack([it[1] for it in good]) if good else None,   # (B, 3, S, S) uint8
-        "digests": [it[2] for it in good],
-        "errors": [(it[4], it[2], it[3]) for it in items if it[3] is not None],
-    }
-
-
 class _nullcontext:
     def __enter__(self):
         return None
@@ -311,26 +285,11 @@ class _nullcontext:
         return False
 
 
-def _digest_or_blank(path: Path) -> str:
-    """Content digest, or "" when the file cannot be read (it is retried on every run)."""
-    try:
-        return file_digest(path)
-    except OSError:
-        return ""
-
-
 def _digests(images: ImageList) -> list[str]:
     """SHA-256 of every image file, hashed in threads (hashlib releases the GIL)."""
     paths = [images.absolute(i) for i in range(len(images.paths))]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return list(pool.map(_digest_or_blank, paths))
-
-
-def _workers(workers: int, cuda: bool) -> int:
-    if workers >= 0:
-        return workers
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if cuda else min(4, cpus // 2)
+        return list(pool.map(digest_or_blank, paths))
 
 
 def _device(name: str) -> torch.device:

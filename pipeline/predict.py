@@ -22,10 +22,8 @@ from torch.utils.data import DataLoader
 from ._progress import Progress
 from .backbone import to_float_batch
 from .config import PredictConfig
-from .export import load_model
-# The loader extract uses, so prediction sees the pixels extraction saw (they could move to a
-# shared module; stages should not import each other).
-from .extract import _collate, _Images, _workers
+from ._loading import ImageBatches, collate, default_workers   # extract's loader: same pixels
+from .models import load_model
 from .images import LIST_EXTENSIONS, ImageList, find_images
 
 
@@ -70,9 +68,9 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     n = len(images.paths)
     step = config.batch_size
     batches = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
-    workers = 0 if len(batches) < 2 else _workers(config.workers, False)
-    loader = DataLoader(_Images(images, model.preprocessing), batch_sampler=batches,
-                        collate_fn=_collate, num_workers=workers)
+    workers = 0 if len(batches) < 2 else default_workers(config.workers, False)
+    loader = DataLoader(ImageBatches(images, model.preprocessing), batch_sampler=batches,
+                        collate_fn=collate, num_workers=workers)
     predictions, blocks, skipped = [], [], []
     with Progress(n, "predict", config.progress) as bar:
         for batch in loader:

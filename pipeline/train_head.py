@@ -594,7 +594,7 @@ def _record(runs_dir: Path, r: _Result, ctx: _Context) -> dict:
         "class_names": list(ctx.class_names), "hyperparameters": e.params(),
         "config": asdict(ctx.cfg), "best_epoch": r.best_epoch,
         "weights_epoch": r.best_epoch if ctx.cfg.patience else (len(r.history) or None), **r.extra,
-        "cache": {"path": str(ctx.train.reader.path), "fingerprint": mf.feature_fingerprint(m),
+        "cache": {"path": str(ctx.train.reader.path.resolve()), "fingerprint": mf.feature_fingerprint(m),
                   **{k: m.get(k) for k in (*mf.FEATURE_KEYS, "layer_alias")}},
         "data": {"train_rows": len(ctx.train.rows),
                  "val_rows": len(ctx.val.rows) if ctx.val else 0,

@@ -1,0 +1,55 @@
+"""Decoding images into batches for a forward pass (extract and predict share it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .backbone import Preprocessing
+from .images import BadImageError, ImageList, file_digest, read_image
+
+
+class ImageBatches(Dataset):
+    """Decodes one image to a (3, S, S) uint8 tensor, or reports why it could not."""
+
+    def __init__(self, images: ImageList, pre: Preprocessing):
+        self.images, self.pre = images, pre
+
+    def __len__(self) -> int:
+        return len(self.images.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img, digest = read_image(self.images.absolute(i))
+            return i, self.pre(img), digest, None, self.images.paths[i]
+        except BadImageError as e:
+            return i, None, digest_or_blank(self.images.absolute(i)), str(e), self.images.paths[i]
+
+
+def collate(items):
+    """Batch of ImageBatches items: good images stacked, bad ones listed as (path, digest, reason)."""
+    good = [it for it in items if it[3] is None]
+    return {
+        "index": [it[0] for it in good],
+        "images": torch.stack([it[1] for it in good]) if good else None,   # (B, 3, S, S) uint8
+        "digests": [it[2] for it in good],
+        "errors": [(it[4], it[2], it[3]) for it in items if it[3] is not None],
+    }
+
+
+def digest_or_blank(path: Path) -> str:
+    """Content digest, or "" when the file cannot be read (it is retried on every run)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return ""
+
+
+def default_workers(workers: int, cuda: bool) -> int:
+    """Decoding processes: `workers` if >= 0, else CPU: half the cores, GPU: up to 8."""
+    if workers >= 0:
+        return workers
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if cuda else min(4, cpus // 2)
