@@ -10,6 +10,7 @@ are dropped. The cache appears under its final name only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -214,7 +215,7 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
                         num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
     committer = _Committer(writer)
     autocast = (torch.autocast(device.type, dtype=_PRECISIONS[precision])
-                if precision != "float32" else _nullcontext())
+                if precision != "float32" else contextlib.nullcontext())
     with Progress(len(todo), "extract", config.progress) as bar, torch.inference_mode():
         for batch in loader:
             feats = None
@@ -275,14 +276,6 @@ class _Committer:
                 log.debug("committed %d rows", self.writer.committed_rows)
             except BaseException as e:  # surfaced in the main thread by put()/close()
                 self.error = e
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _digests(images: ImageList) -> list[str]:
