@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import click
 
@@ -35,6 +34,8 @@ from .demo import demo_command  # noqa: E402
 
 main.add_command(demo_command)
 # More commands register here.
+from .report import report_command  # noqa: E402
+main.add_command(report_command)
 from .export import export_command, predict_command  # noqa: E402
 for _command in (export_command, predict_command): main.add_command(_command)  # noqa: E701
 from .train_head import train_head_command  # noqa: E402

@@ -80,3 +80,30 @@ class PredictConfig:
     batch_size: int = 32             # images per forward pass
     workers: int = -1                # decoding processes; -1: auto (none for a single batch)
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `report()` draws from a sweep's records (RUNS_DIR of `train-head`)."""
+    cache: str | None = None          # cache holding the validation rows (the val cache, or the
+                                      # train cache of a hash split); None: the one head.json names
+    images_root: str | None = None    # where the cached image paths live now; None: the cache's
+                                      # source_root
+    misclassified: int = 16           # images in the grid of the most confident mistakes
+    leaderboard_rows: int = 20        # rows of the leaderboard table in report.md
+    dpi: int = 100                    # resolution of the PNG figures
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo: scikit-learn's digits through every stage, small enough for a 2-core CPU."""
+    weights: str | None = None        # backbone weights; None: ImageNet's if already in
+                                      # torchvision's cache, else random init ("none")
+    image_size: int = 32              # input crop (VGG's smallest: 5 poolings)
+    per_class: int | None = None      # at most this many digits per class; None: all 1,797
+    test_every: int = 5               # every n-th image of each digit is held out for testing
+    epochs: int = 20                  # epochs of the linear and mlp heads of the sweep
+    tutorial_steps: int = 3           # training steps timed the tutorial's way (after a warm-up)
+    tutorial_batch: int = 32          # images per tutorial-way step
+    report: bool = True               # write the report (figures and report.md) under DIR/report
+    progress: bool | None = None      # progress lines on stderr; None: only on a terminal

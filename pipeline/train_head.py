@@ -372,6 +372,13 @@ def _hash_split(paths: list[str], fraction: float) -> np.ndarray:
     return np.asarray(u, dtype=np.float64) < fraction
 
 
+def validation_rows(paths: list[str], labels: np.ndarray, fraction: float) -> np.ndarray:
+    """(V,) sorted rows of a train cache that `train_head` holds out for validation when no val
+    cache is given: the labeled rows whose path hashes below `fraction` (head.json's
+    data.val says "hash split of the train cache"). For reports that recompute predictions."""
+    return np.flatnonzero((np.asarray(labels) >= 0) & _hash_split(list(paths), fraction))
+
+
 def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
     """Load what fits under --max-memory into RAM; stream the rest. Returns the plan."""
     reader = train.reader
@@ -666,4 +673,4 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in _CSV_COLUMNS})
 
 
-__all__ = ["train_head", "HEADS", "SCHEDULES", "MATCH_KEYS"]
+__all__ = ["train_head", "validation_rows", "HEADS", "SCHEDULES", "MATCH_KEYS"]
