@@ -15,7 +15,7 @@ global backend state is touched):
     misclassified.png     the validation images the best head gets wrong most confidently
 
 The last one needs the validation rows again: the val cache, or the hash split of the train cache
-(recomputed by `train_head.validation_rows`). The best head runs on their cached features, and the
+(recomputed by `splits.validation_rows`). The best head runs on their cached features, and the
 images are read from the cache's source_root; missing or changed files are skipped and counted.
 What could not be drawn is said in the figure itself and in report.md's notes.
 """
@@ -41,7 +41,7 @@ from cache.store import CacheReader
 from .config import ReportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
-from .train_head import validation_rows
+from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
            "hyperparameters": "Validation accuracy by hyper-parameter",

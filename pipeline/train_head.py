@@ -47,8 +47,17 @@ from cache.store import CacheReader
 
 from . import __version__
 from .config import TrainConfig
-from .heads import (ACTIVATIONS, OPTIMIZERS, HeadStack, StackedOptimizer, evaluate, fit_logreg,
-                    save_head, standard_scaler)
+from .heads import (
+    ACTIVATIONS,
+    OPTIMIZERS,
+    HeadStack,
+    StackedOptimizer,
+    evaluate,
+    fit_logreg,
+    save_head,
+    standard_scaler,
+)
+from .splits import hash_split
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +348,7 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
     keep = labeled(train_reader, "train")
     val = test = None
     if val_path is None and cfg.val_fraction > 0:
-        in_val = _hash_split(train_reader.paths, cfg.val_fraction)
+        in_val = hash_split(train_reader.paths, cfg.val_fraction)
         val = _Split("val", train_reader, np.flatnonzero(keep & in_val))
         if not len(val.rows):
             raise ValueError(f"--val-fraction {cfg.val_fraction} of {int(keep.sum())} labeled rows "
@@ -363,20 +372,6 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
     if not len(train.rows):
         raise ValueError(f"train cache {train_path} has no labeled rows left to train on")
     return train, val, test
-
-
-def _hash_split(paths: list[str], fraction: float) -> np.ndarray:
-    """(N,) bool, True for validation: SHA-1 of each path, as a number in [0, 1), below
-    `fraction`. Depends on the path alone, so adding images never moves old ones."""
-    u = [int.from_bytes(hashlib.sha1(p.encode("utf-8")).digest()[:8], "big") / 2**64 for p in paths]
-    return np.asarray(u, dtype=np.float64) < fraction
-
-
-def validation_rows(paths: list[str], labels: np.ndarray, fraction: float) -> np.ndarray:
-    """(V,) sorted rows of a train cache that `train_head` holds out for validation when no val
-    cache is given: the labeled rows whose path hashes below `fraction` (head.json's
-    data.val says "hash split of the train cache"). For reports that recompute predictions."""
-    return np.flatnonzero((np.asarray(labels) >= 0) & _hash_split(list(paths), fraction))
 
 
 def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
@@ -673,4 +668,4 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in _CSV_COLUMNS})
 
 
-__all__ = ["train_head", "validation_rows", "HEADS", "SCHEDULES", "MATCH_KEYS"]
+__all__ = ["train_head", "HEADS", "SCHEDULES", "MATCH_KEYS"]

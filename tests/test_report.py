@@ -20,7 +20,8 @@ from pipeline.config import ReportConfig, TrainConfig
 from pipeline.heads import load_head
 from pipeline.images import file_digest
 from pipeline.report import FIGURES, report
-from pipeline.train_head import train_head, validation_rows
+from pipeline.splits import validation_rows
+from pipeline.train_head import train_head
 
 from .conftest import make_folder
 

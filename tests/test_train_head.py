@@ -26,7 +26,8 @@ from cli.main import main
 from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
 from pipeline.config import TrainConfig
 from pipeline.heads import HeadStack, StackedOptimizer, load_head
-from pipeline.train_head import _class_weights, _hash_split, train_head
+from pipeline.splits import hash_split
+from pipeline.train_head import _class_weights, train_head
 
 MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "ab" * 32,
             "layer": "classifier.4", "layer_alias": "fc7", "precision": "float32",
@@ -197,10 +198,10 @@ def test_streaming_window_must_fit_in_memory(tmp_path):
 def test_hash_split_is_stable_when_images_are_added():
     old = [f"cat/{i}.jpg" for i in range(2000)]
     new = old + [f"dog/{i}.jpg" for i in range(1000)] + [f"cat/new{i}.jpg" for i in range(500)]
-    before, after = _hash_split(old, 0.1), _hash_split(new, 0.1)
+    before, after = hash_split(old, 0.1), hash_split(new, 0.1)
     assert np.array_equal(after[:len(old)], before)
     assert 0.08 < after.mean() < 0.12
-    assert np.array_equal(_hash_split(new[::-1], 0.1), after[::-1])     # order does not matter
+    assert np.array_equal(hash_split(new[::-1], 0.1), after[::-1])     # order does not matter
 
 
 def test_hash_split_used_for_validation(tmp_path):
@@ -208,7 +209,7 @@ def test_hash_split_used_for_validation(tmp_path):
     paths = [f"img/{i}.png" for i in range(200)]
     summary = train_head(make_cache(tmp_path / "a.h5", x, y, paths), tmp_path / "r",
                          TrainConfig(epochs=1, val_fraction=0.3))
-    assert summary["data"]["val"]["rows"] == int(_hash_split(paths, 0.3).sum())
+    assert summary["data"]["val"]["rows"] == int(hash_split(paths, 0.3).sum())
     assert summary["data"]["train"]["rows"] == 200 - summary["data"]["val"]["rows"]
 
 
