@@ -1,27 +1,42 @@
 """Extraction efficiency: `pipeline extract` from image files against the bare forward pass.
 
-    .venv/bin/python bench/extract.py [--images 256] [--size 64] [--repeats 3]
+    .venv/bin/python bench/extract.py [--images 256] [--size 64] [--repeats 3] [--threads 1]
 
-A: the bare backbone forward over uint8 tensors already in memory (no decoding, no
-writing), B: extract() from JPEG files to an HDF5 cache (decoding in DataLoader workers,
-writing in a thread), same batch size, cut and input size. Alternated, median of repeats.
-Also float16 against float32 storage: file size and speed.
+Same batch size, cut and input size for every case; alternated, medians of --repeats rounds
+(ratios: medians of per-round ratios):
+
+  bare forward           the backbone forward over uint8 batches already in memory (no decoding,
+                         no writing): the limit extraction can reach
+  extract float16        extract() from JPEG files to an HDF5 cache: decoding in DataLoader
+                         workers (the default: half the cores), writing in a thread
+  extract float32        the same, float32 storage
+  extract float16, 0 workers   decoding in the main process, between forward passes
+
+Extract rates are over the compute phase (decode + forward + write), as extract() reports them;
+model building and file hashing happen once per run and are shown separately. To attribute the
+gap: decode only (read_image + the weights' preprocessing, one process) and write only
+(CacheWriter.commit of the same rows) rates, measured once each.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageFilter
+sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import alternate, machine, median, table  # noqa: E402
+from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
+                           median, paired, quiet, scratch, spread, table)
+from cache.store import CacheWriter, partial_path  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
+from pipeline._loading import default_workers  # noqa: E402
 from pipeline.backbone import Preprocessing, build_backbone, to_float_batch  # noqa: E402
+from pipeline.images import read_image  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> None:
@@ -40,8 +55,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layer", default="fc7")
+    add_threads_option(ap)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    apply_threads(args)
+    quiet()
+    tmp = scratch("bench-extract-")
     src = tmp / "images"
     make_images(src, args.images)
     cfg = dict(weights="none", image_size=args.size, batch_size=args.batch_size,
@@ -56,31 +74,75 @@ def main() -> None:
             for k in range(0, len(tensors), args.batch_size):
                 model(to_float_batch(tensors[k:k + args.batch_size]))
 
-    stats = {}
+    stats: dict[str, dict] = {}
 
-    def run_extract(dtype: str):
+    def run_extract(name: str, dtype: str, workers: int = -1):
         def case() -> float:
-            out = tmp / f"{dtype}.h5"
+            out = tmp / f"{name.replace(' ', '_')}.h5"
             out.unlink(missing_ok=True)   # extract everything each time
-            s = extract(src, out, ExtractConfig(**cfg, dtype=dtype))
-            stats[dtype] = (out.stat().st_size, s.seconds)
+            s = extract(src, out, ExtractConfig(**cfg, dtype=dtype, workers=workers))
+            with h5py.File(out, "r") as h5:
+                storage = h5["features"].id.get_storage_size()
+            st = stats.setdefault(name, {"whole": []})
+            st.update(file=out.stat().st_size, features=storage)
+            st["whole"].append(s.seconds)
             return len(paths) / s.images_per_s   # compute phase: decode + forward + write
         return case
 
-    times = alternate({"bare forward": bare, "extract float16": run_extract("float16"),
-                       "extract float32": run_extract("float32")}, args.repeats)
+    workers = default_workers(-1, cuda=False)
+    cases = {"bare forward": bare,
+             f"extract float16 ({workers} workers)": run_extract("float16", "float16"),
+             f"extract float32 ({workers} workers)": run_extract("float32", "float32"),
+             "extract float16 (0 workers)": run_extract("float16 inline", "float16", 0)}
+    times = alternate(cases, args.repeats)
+    decode_s, write_s = _decode_only(paths, pre), _write_only(tmp, info, len(paths))
+
     base = median(times["bare forward"])
     rows = []
-    for name, ts in times.items():
+    for (name, ts), key in zip(times.items(), (None, "float16", "float32", "float16 inline")):
         t = median(ts)
-        size = stats.get(name.split()[-1], (None,))[0]
-        rows.append([name, len(paths) / t, base / t, f"{size / 2**20:.2f}" if size else "-"])
+        st = stats.get(key)
+        rows.append([name, len(paths) / t, paired(times, "bare forward", name),
+                     spread([len(paths) / v for v in ts]),
+                     f"{st['features'] / len(paths) / 1024:.1f}" if st else "-",
+                     f"{st['file'] / 2**20:.2f}" if st else "-",
+                     f"{len(paths) / median(st['whole']):.1f}" if st else "-"])
+    rows.append(["decode only (1 process)", len(paths) / decode_s, base / decode_s, "-", "-", "-", "-"])
+    rows.append(["write only (float16 commits)", len(paths) / write_s, base / write_s, "-", "-",
+                 "-", "-"])
     print(f"machine: {machine()}")
     print(f"{len(paths)} JPEGs 256x256 -> vgg16 {args.layer} at {args.size}px, batch "
-          f"{args.batch_size}, median of {args.repeats} alternated runs\n")
-    print(table(["case", "images/s", "vs bare forward", "cache MiB"], rows))
-    print("\n(extract times exclude model building and file hashing, which happen once per run; "
-          f"whole-run seconds for float16: {stats['float16'][1]:.1f})")
+          f"{args.batch_size}, random-init weights; {args.repeats} alternated rounds: images/s "
+          "from median times, 'vs bare forward' the median of per-round ratios\n")
+    print(table(["case", "images/s", "vs bare forward", "images/s min..max", "KiB / row stored",
+                 "file MiB", "whole-run images/s"], rows))
+    f16, f32 = stats["float16"], stats["float32"]
+    print(f"\nfloat16 storage: {f32['features'] / f16['features']:.2f}x smaller features than "
+          f"float32 (files are whole 1 MiB chunks, so small caches round up); whole-run images/s "
+          "include building the model and hashing the files, once per run")
+
+
+def _decode_only(paths: list[Path], pre: Preprocessing) -> float:
+    """Seconds to read, decode and preprocess every image in this process (extract's per-image
+    work in its workers)."""
+    t0 = time.perf_counter()
+    for p in paths:
+        pre(read_image(p)[0])
+    return time.perf_counter() - t0
+
+
+def _write_only(tmp: Path, info: dict, n: int) -> float:
+    """Seconds to commit n float16 rows in batches of 32 (data, flush, marker, flush)."""
+    manifest = {**info, "dtype": "float16", "precision": "float32", "class_names": ["a"]}
+    dim = info["feature_dim"]
+    rows = np.random.default_rng(0).random((n, dim), dtype=np.float32).astype(np.float16)
+    t0 = time.perf_counter()
+    with CacheWriter.create(partial_path(tmp / "write.h5"), manifest) as w:
+        for k in range(0, n, 32):
+            part = rows[k:k + 32]
+            w.commit(part, [0] * len(part), [f"{k + i}.jpg" for i in range(len(part))],
+                     ["0" * 64] * len(part))
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

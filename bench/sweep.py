@@ -1,0 +1,193 @@
+"""Sweep efficiency: K heads in one `train_head` pass against K separate runs and against
+scikit-learn's LogisticRegression over K values of C.
+
+    .venv/bin/python bench/sweep.py [--rows 20000] [--epochs 2] [--repeats 4] [--threads 1]
+
+A synthetic float16 cache of fc7-like features (20,000 x 4096, 10 classes, class structure from
+Gaussian class means: see bench/_common.synthetic_cache) and a 2,000-row validation cache of the
+same problem. K = 1, 8, 32, 128 linear AdamW heads (batch 256), the grid
+lr (8 values, 1e-4..3e-2) x weight decay (0, 1e-4, 1e-3, 1e-2) x seed (0..3), taken as
+K=1: lr 1e-3; K=8: the 8 lrs; K=32: x 4 weight decays; K=128: x 4 seeds.
+
+  one pass   one train_head() call training the K heads together (each batch read once)
+  separate   K train_head() calls of one head each (each loads the cache, as K commands would).
+             8 runs are measured per round; K=32 and K=128 are that time x K/8 (extrapolated)
+  sklearn    load, StandardScaler fitted once, then LogisticRegression(C) per C (lbfgs,
+             max_iter 1000), C log-spaced over 1e-4..1e2 (K=1: C=1). K=1 and K=8 are measured
+             per round; K=32 and K=128 are the K=8 fits x K/8 plus one load and scaler
+             (extrapolated)
+  sgemm      a 1024 x D @ D x D matrix product: the machine's matmul rate at these threads,
+             against which each epoch's GFLOP/s is put
+
+Every case runs once per round, alternating, for --repeats rounds. Seconds are medians, ratios
+medians of per-round ratios. Epoch seconds are what train_head logs per epoch. Best validation
+accuracy is over the K heads (over the measured ones where extrapolated).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench._common import (EpochTimes, add_threads_option, alternate, apply_threads,  # noqa: E402
+                           machine, median, paired, quiet, scratch, spread,
+                           synthetic_cache, table)
+from cache.store import CacheReader  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.train_head import train_head  # noqa: E402
+
+KS = (1, 8, 32, 128)
+LRS = (1e-3, 3e-3, 3e-4, 1e-2, 1e-4, 3e-2, 2e-3, 6e-3)      # the K=1 head first
+WDS = (0.0, 1e-4, 1e-3, 1e-2)
+SEEDS = (0, 1, 2, 3)
+MEASURED_SEPARATE = 8
+
+
+def grid(k: int) -> dict:
+    """The TrainConfig axes of the first k heads of the grid."""
+    n_lr, n_wd, n_seed = {1: (1, 1, 1), 8: (8, 1, 1), 32: (8, 4, 1), 128: (8, 4, 4)}[k]
+    return {"lr": LRS[:n_lr], "weight_decay": WDS[:n_wd], "seed": SEEDS[:n_seed]}
+
+
+def c_values(k: int) -> list[float]:
+    return [1.0] if k == 1 else np.logspace(-4, 2, k).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, default=20000, help="training rows")
+    ap.add_argument("--val-rows", type=int, default=2000)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4)
+    add_threads_option(ap)
+    args = ap.parse_args()
+    apply_threads(args)
+    quiet()
+    tmp = scratch("bench-sweep-")
+    train = synthetic_cache(tmp / "train.h5", args.rows, args.dim, args.classes)
+    val = synthetic_cache(tmp / "val.h5", args.val_rows, args.dim, args.classes, split=1)
+    shared = dict(epochs=args.epochs, batch_size=256, val_fraction=0.0)
+    acc: dict[str, list[float]] = {}          # case -> val accuracy of each head (last round)
+    epoch_s: dict[str, list[float]] = {}      # case -> epoch seconds (all rounds)
+
+    def one_pass(k: int):
+        def case() -> float:
+            t0 = time.perf_counter()
+            with EpochTimes() as ep:
+                s = train_head(train, tmp / f"pass{k}", TrainConfig(**grid(k), **shared), val)
+            seconds = time.perf_counter() - t0
+            acc[f"pass{k}"] = [r["val_acc"] for r in sorted(s["leaderboard"], key=_key)]
+            epoch_s.setdefault(f"pass{k}", []).extend(ep.seconds)
+            return seconds
+        return case
+
+    def separate() -> float:
+        t0, accs = time.perf_counter(), []
+        for lr in grid(MEASURED_SEPARATE)["lr"]:
+            s = train_head(train, tmp / "single", TrainConfig(lr=(lr,), **shared), val)
+            accs.append(s["leaderboard"][0]["val_acc"])
+        acc["separate"] = accs
+        return time.perf_counter() - t0
+
+    prep_s: dict[str, list[float]] = {"sklearn1": [], "sklearn8": []}   # load + scaler
+
+    def sklearn(k: int):
+        def case() -> float:
+            t0 = time.perf_counter()
+            acc[f"sklearn{k}"], prep = _logreg(train, val, c_values(k))
+            prep_s[f"sklearn{k}"].append(prep)
+            return time.perf_counter() - t0
+        return case
+
+    a, b = torch.randn(1024, args.dim), torch.randn(args.dim, args.dim)
+
+    def sgemm() -> None:          # the machine's matmul rate at these threads: the limit
+        torch.mm(a, b)
+
+    cases = {f"pass{k}": one_pass(k) for k in KS}
+    cases |= {"separate": separate, "sklearn1": sklearn(1), "sklearn8": sklearn(8), "sgemm": sgemm}
+    times = alternate(cases, args.repeats)
+    for k in (32, 128):      # K fits: the 8 measured fits x K/8, one load and scaler
+        times[f"sklearn{k}"] = [p + (s8 - p) * k / 8
+                                for s8, p in zip(times["sklearn8"], prep_s["sklearn8"])]
+    t = {name: median(ts) for name, ts in times.items()}
+    peak = 2 * a.shape[0] * args.dim * args.dim / t["sgemm"] / 1e9
+    ep = {k: median(epoch_s[f"pass{k}"]) for k in KS}
+
+    pass_rows, vs_rows = [], []
+    for k in KS:
+        # forward addmm and weight-gradient mm over the training rows, forward over val rows
+        gflop = 2 * args.dim * k * args.classes * (2 * args.rows + args.val_rows) / 1e9
+        pass_rows.append([k, t[f"pass{k}"], paired(times, f"pass{k}", "pass1"), ep[k],
+                          ep[k] / ep[1], gflop / ep[k], f"{100 * gflop / ep[k] / peak:.0f} %",
+                          max(acc[f"pass{k}"])])
+        sep_s = t["pass1"] if k == 1 else t["separate"] * k / MEASURED_SEPARATE
+        sep_ratio = 1.0 if k == 1 else paired(times, "separate", f"pass{k}") * k / MEASURED_SEPARATE
+        sk_s, sk_ratio = t[f"sklearn{k}"], paired(times, f"sklearn{k}", f"pass{k}")
+        sep_note = "measured" if k in (1, MEASURED_SEPARATE) else f"8 runs measured, x{k // 8}"
+        sk_note = "measured" if k in (1, 8) else f"8 fits measured, x{k // 8}"
+        sep_acc = acc["pass1"] if k == 1 else acc["separate"]
+        vs_rows.append([k, t[f"pass{k}"], max(acc[f"pass{k}"]), f"{sep_s:.3g} ({sep_note})",
+                        sep_ratio, max(sep_acc), f"{sk_s:.3g} ({sk_note})", sk_ratio,
+                        max(acc[f"sklearn{min(k, 8)}"])])
+    print(f"machine: {machine()}")
+    print(f"train {args.rows} x {args.dim} float16 ({args.classes} classes), val {args.val_rows} "
+          f"rows; linear AdamW heads, {args.epochs} epochs, batch 256; {args.repeats} alternated "
+          "rounds: seconds are medians, ratios medians of per-round ratios\n")
+    print(table(["K", "one pass s", "vs 1 head", "epoch s", "epoch vs 1 head", "epoch GFLOP/s",
+                 "of sgemm", "best val"], pass_rows))
+    print(f"\n(sgemm {a.shape[0]}x{args.dim} @ {args.dim}x{args.dim} on the same threads: "
+          f"{peak:.0f} GFLOP/s; an epoch's GFLOP: forward + weight gradient over the training rows, "
+          "forward over the validation rows)\n")
+    print(table(["K", "one pass s", "best val", "K separate runs s", "separate / pass",
+                 "best val", "sklearn, K values of C, s", "sklearn / pass", "best val"], vs_rows))
+    print("\nspread of the one-pass times (s): "
+          + ", ".join(f"K={k} {spread(times[f'pass{k}'])}" for k in KS))
+    alone, together = acc["separate"], acc[f"pass{MEASURED_SEPARATE}"][:MEASURED_SEPARATE]
+    differ = [f"lr {lr:g}: {x:.4f} alone, {y:.4f} in the pass"
+              for lr, x, y in zip(LRS, alone, together) if x != y]
+    print(f"the {MEASURED_SEPARATE} heads trained alone vs the same heads in the "
+          f"{MEASURED_SEPARATE}-head pass: {MEASURED_SEPARATE - len(differ)} reach the same val acc"
+          + (f"; {'; '.join(differ)} (rounding differences grow at the highest lr)" if differ else ""))
+    ratio = paired(times, "pass32", "pass1")
+    print(f"goal: 32 heads in one pass cost at most 3x one head: {ratio:.2f}x "
+          f"({'met' if ratio <= 3 else 'NOT met'}); per epoch {ep[32] / ep[1]:.2f}x")
+
+
+def _key(row: dict) -> tuple:
+    """Grid order (lr, weight decay, seed as in LRS/WDS/SEEDS) of a leaderboard row."""
+    return (LRS.index(row["lr"]), WDS.index(row["weight_decay"]), SEEDS.index(row["seed"]))
+
+
+def _logreg(train: Path, val: Path, cs: list[float]) -> tuple[list[float], float]:
+    """Validation accuracy of scikit-learn's LogisticRegression for each C (standardized
+    features, the scaler fitted once, as CLIP's linear probe and `--head logreg` do), and the
+    seconds spent loading and scaling before the fits."""
+    t0 = time.perf_counter()
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    with CacheReader(train) as r, CacheReader(val) as v:
+        x, y, xv, yv = r.load_features(), r.labels, v.load_features(), v.labels
+    scaler = StandardScaler().fit(x)
+    x, xv = scaler.transform(x), scaler.transform(xv)
+    prep, out = time.perf_counter() - t0, []
+    for c in cs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=c, max_iter=1000).fit(x, y)
+        out.append(float((clf.predict(xv) == yv).mean()))
+    return out, prep
+
+
+if __name__ == "__main__":
+    main()
