@@ -198,12 +198,16 @@ class StackedOptimizer:
         b1, b2 = self.betas
         if not st:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        p.mul_((1 - lr * self.weight_decay).to(p.dtype).view(shape))
+            # Scratch tensors reused every step: parameter-sized temporaries were ~1/5 of an epoch.
+            st["denom"], st["update"] = torch.empty_like(p), torch.empty_like(p)
+        if bool((self.weight_decay != 0).any()):
+            p.mul_((1 - lr * self.weight_decay).to(p.dtype).view(shape))
         st["exp_avg"].lerp_(g, 1 - b1)
         st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
         step_size = (lr / (1 - b1 ** self.steps)).to(p.dtype).view(shape)
-        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
-        p.sub_(step_size * st["exp_avg"] / denom)
+        denom = torch.sqrt(st["exp_avg_sq"], out=st["denom"])
+        denom.div_(math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        p.sub_(torch.mul(step_size, st["exp_avg"], out=st["update"]).div_(denom))
 
     def _sgd(self, p, g, st, lr, shape):
         if bool((self.weight_decay != 0).any()):

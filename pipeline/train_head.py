@@ -220,6 +220,7 @@ class _Split:
         self.labels = reader.labels[rows]                          # (N,)
         self.ram: np.ndarray | None = None                         # (N, D) storage dtype
         self.peak_group_bytes = 0
+        self._checked: set[int] = set()                            # chunks checked for NaN/inf
         step = reader.chunk_rows
         self.chunks = np.unique(rows // step)                      # chunks holding these rows
         chunk_of = rows // step
@@ -238,17 +239,28 @@ class _Split:
             self.ram[s:e] = block
 
     def _read(self, chunks) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(s, e, features of rows[s:e]) for each chunk, in the order given; refuses NaN/inf."""
+        """(s, e, features of rows[s:e]) for each chunk, in the order given; refuses NaN/inf
+        (checked once per chunk and run, not every epoch)."""
         for start, _, block in self.reader.iter_chunks(order=chunks):
-            s, e = self._span[start // self.reader.chunk_rows]
-            block = block[self.rows[s:e] - start]
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                row = int(self.rows[s + int(np.argmin(finite))])
-                raise ValueError(f"{self.role} cache {self.reader.path} has NaN or inf features "
-                                 f"(row {row}, {self.reader.paths[row]}): re-extract it, e.g. "
-                                 "with --precision float32")
+            chunk = start // self.reader.chunk_rows
+            s, e = self._span[chunk]
+            if e - s != len(block):                    # only some rows of this chunk are ours
+                block = block[self.rows[s:e] - start]
+            if chunk not in self._checked:
+                self._check_finite(block, s)
+                self._checked.add(chunk)
             yield s, e, block
+
+    def _check_finite(self, block: np.ndarray, s: int) -> None:
+        if block.dtype == np.float16:   # exponent bits all ones: inf or NaN (2.7x np.isfinite)
+            finite = ~((block.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+        else:
+            finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = int(self.rows[s + int(np.argmin(finite))])
+            raise ValueError(f"{self.role} cache {self.reader.path} has NaN or inf features "
+                             f"(row {row}, {self.reader.paths[row]}): re-extract it, e.g. "
+                             "with --precision float32")
 
     def epoch(self, gen: torch.Generator, window: int, batch: int
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -263,8 +275,11 @@ class _Split:
                 yield self.ram[pos], self.labels[pos]
 
     def _stream_pieces(self, order, batch):
+        # One window buffer for the whole epoch: a new one per group kept two alive at once.
+        size = max(len(base) for _, base, _ in order)
+        window = np.empty((size, self.reader.feature_dim), self.reader.features.dtype)
         for chunks, base, perm in order:
-            group = np.empty((len(base), self.reader.feature_dim), self.reader.features.dtype)
+            group = window[:len(base)]
             self.peak_group_bytes = max(self.peak_group_bytes, group.nbytes)
             off = 0
             for s, e, block in self._read(chunks):   # same chunk order as `base`
