@@ -17,6 +17,7 @@ and renames it into place, so a file under its final name is always complete.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -166,11 +167,26 @@ class CacheReader:
                                  "re-run extract to complete it, or allow incomplete caches")
             self.n_rows = int(self._h5.attrs["committed_rows"])
             self.labels = self._h5["labels"][: self.n_rows].astype(np.int64)  # (N,)
-            paths, digests, errors = _read_index(self._h5)
-            self.paths, self.digests, self.errors = paths, digests, errors
         except BaseException:
             self._h5.close()
             raise
+
+    # Paths, digests and errors are read on first use (then kept): as Python strings they
+    # cost ~0.5 KiB a row, which training, needing only features and labels, should not pay.
+    @functools.cached_property
+    def paths(self) -> list[str]:
+        """(N,) image paths relative to the source root."""
+        return [p.decode("utf-8") for p in self._h5["paths"][: self.n_rows]]
+
+    @functools.cached_property
+    def digests(self) -> list[str]:
+        """(N,) SHA-256 hex digests of the image files."""
+        return [d.decode("ascii") for d in self._h5["digests"][: self.n_rows]]
+
+    @functools.cached_property
+    def errors(self) -> list[tuple[str, str, str]]:
+        """(path, digest, reason) of every image that could not be used."""
+        return _read_errors(self._h5)
 
     @property
     def features(self) -> h5py.Dataset:
@@ -270,12 +286,16 @@ def _check_layout(h5: h5py.File, path: Path) -> None:
 
 
 def _read_index(h5: h5py.File) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
-    n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
+    n = int(h5.attrs["committed_rows"])
     paths = [p.decode("utf-8") for p in h5["paths"][:n]]
     digests = [d.decode("ascii") for d in h5["digests"][:n]]
-    errors = [(e["path"].decode("utf-8"), e["digest"].decode("ascii"), e["reason"].decode("utf-8"))
-              for e in h5["errors"][:m]]
-    return paths, digests, errors
+    return paths, digests, _read_errors(h5)
+
+
+def _read_errors(h5: h5py.File) -> list[tuple[str, str, str]]:
+    m = int(h5.attrs["committed_errors"])
+    return [(e["path"].decode("utf-8"), e["digest"].decode("ascii"), e["reason"].decode("utf-8"))
+            for e in h5["errors"][:m]]
 
 
 def _fsync(path: Path) -> None:
