@@ -98,10 +98,6 @@ class CacheWriter:
     def committed_rows(self) -> int:
         return int(self._h5.attrs["committed_rows"])
 
-    def committed(self) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
-        """(paths, digests, errors) of what is committed so far."""
-        return _read_index(self._h5)
-
     def commit(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
                digests: Sequence[str], errors: Sequence[tuple[str, str, str]] = ()) -> None:
         """Append one batch atomically: data, flush, then the markers, flush."""
@@ -283,13 +279,6 @@ def _check_layout(h5: h5py.File, path: Path) -> None:
     if version != mf.FORMAT_VERSION:
         raise ValueError(f"{path} has cache format version {version}, this tool reads "
                          f"{mf.FORMAT_VERSION}: re-extract it")
-
-
-def _read_index(h5: h5py.File) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
-    n = int(h5.attrs["committed_rows"])
-    paths = [p.decode("utf-8") for p in h5["paths"][:n]]
-    digests = [d.decode("ascii") for d in h5["digests"][:n]]
-    return paths, digests, _read_errors(h5)
 
 
 def _read_errors(h5: h5py.File) -> list[tuple[str, str, str]]:

@@ -27,7 +27,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from cache import manifest as mf
-from cache.store import CacheReader, CacheWriter, assemble, finish, partial_path, read_manifest
+from cache.store import CacheReader, CacheWriter, assemble, finish, partial_path
 
 from . import __version__
 from ._progress import Progress
@@ -179,19 +179,20 @@ def _open_compatible(path: Path, manifest: dict, overwrite: bool) -> CacheReader
     if not path.exists():
         return None
     try:
-        held, _ = read_manifest(path)
-    except (OSError, ValueError) as e:
+        reader = CacheReader(path, allow_incomplete=True)
+    except ValueError as e:
         if overwrite:
             return None
         raise ValueError(f"{path} exists but is not a usable feature cache ({e}); "
                          "pass --overwrite to replace it") from None
-    diff = mf.differences(held, manifest)
+    diff = mf.differences(reader.manifest, manifest)
     if diff:
+        reader.close()
         if overwrite:
             return None
         raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}): pass the "
                          "same settings to update it, --overwrite to start again, or another -o")
-    return CacheReader(path, allow_incomplete=True)
+    return reader
 
 
 def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config: ExtractConfig,
