@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import Any
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 
 # Fields that decide the value of a feature row: mixing rows that differ in any is wrong.
@@ -36,7 +38,7 @@ def loads(text: str | bytes) -> dict[str, Any]:
         text = text.decode("utf-8")
     manifest = json.loads(text)
     if not isinstance(manifest, dict):
-        raise ValueError("cache manifest is not a JSON object: the file is not a feature cache")
+        raise UserError("cache manifest is not a JSON object: the file is not a feature cache")
     return manifest
 
 

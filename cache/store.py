@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from . import manifest as mf
+from .errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
 _DIGEST = "S64"
@@ -104,7 +105,7 @@ class CacheWriter:
         h5, b = self._h5, len(paths)
         n, m = self.committed_rows, int(h5.attrs["committed_errors"])
         if features.shape != (b, h5["features"].shape[1]):
-            raise ValueError(f"batch features have shape {features.shape}, expected ({b}, "
+            raise UserError(f"batch features have shape {features.shape}, expected ({b}, "
                              f"{h5['features'].shape[1]})")
         if b:
             for name, values in (("features", features), ("labels", np.asarray(labels, "int64")),
@@ -149,17 +150,17 @@ class CacheReader:
         if not self.path.exists():
             hint = (f" (an unfinished one is at {partial_path(self.path)}: re-run the same "
                     "extract command to finish it)") if partial_path(self.path).exists() else ""
-            raise ValueError(f"no cache at {self.path}{hint}")
+            raise UserError(f"no cache at {self.path}{hint}")
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise ValueError(f"{self.path} is not a readable HDF5 feature cache: {e}") from None
+            raise UserError(f"{self.path} is not a readable HDF5 feature cache: {e}") from None
         try:
             _check_layout(self._h5, self.path)
             self.manifest = mf.loads(self._h5.attrs["manifest"])
             self.complete = bool(self._h5.attrs["complete"])
             if not self.complete and not allow_incomplete:
-                raise ValueError(f"{self.path} is an incomplete cache (extraction did not finish): "
+                raise UserError(f"{self.path} is an incomplete cache (extraction did not finish): "
                                  "re-run extract to complete it, or allow incomplete caches")
             self.n_rows = int(self._h5.attrs["committed_rows"])
             self.labels = self._h5["labels"][: self.n_rows].astype(np.int64)  # (N,)
@@ -273,11 +274,11 @@ def read_manifest(path: str | Path) -> tuple[dict, bool]:
 def _check_layout(h5: h5py.File, path: Path) -> None:
     missing = [k for k in ("features", "labels", "paths", "digests", "errors") if k not in h5]
     if missing or "manifest" not in h5.attrs:
-        raise ValueError(f"{path} is an HDF5 file but not a feature cache "
+        raise UserError(f"{path} is an HDF5 file but not a feature cache "
                          f"(missing: {', '.join(missing) or 'manifest'})")
     version = int(h5.attrs.get("format_version", -1))
     if version != mf.FORMAT_VERSION:
-        raise ValueError(f"{path} has cache format version {version}, this tool reads "
+        raise UserError(f"{path} has cache format version {version}, this tool reads "
                          f"{mf.FORMAT_VERSION}: re-extract it")
 
 

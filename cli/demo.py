@@ -10,7 +10,7 @@ import click
 
 from pipeline.config import DemoConfig
 
-from .main_helpers import defaults, fail_on_value_error
+from .main_helpers import defaults, fail_on_user_error
 
 _D = defaults(DemoConfig)
 
@@ -33,7 +33,7 @@ _D = defaults(DemoConfig)
 @click.option("--no-report", "report", is_flag=True, flag_value=False, default=_D["report"],
               help="Skip the figures and report.md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-@fail_on_value_error
+@fail_on_user_error
 def demo_command(output: Path, quiet: bool, **options) -> None:
     """Run the whole pipeline on scikit-learn's digits (1,797 real images, no download).
 

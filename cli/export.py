@@ -8,13 +8,12 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ExportConfig, PredictConfig
+from pipeline.config import FORMATS, ExportConfig, PredictConfig
 
-from .main_helpers import defaults, fail_on_value_error
+from .main_helpers import defaults, fail_on_user_error
 
 _E = defaults(ExportConfig)
 _P = defaults(PredictConfig)
-_FORMATS = ("pt2", "onnx", "torchvision")
 
 
 @click.command("export")
@@ -22,7 +21,7 @@ _FORMATS = ("pt2", "onnx", "torchvision")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The model file: MODEL.pt2, MODEL.onnx, or MODEL.pth (+ MODEL.json) for "
                    "--format torchvision.")
-@click.option("--format", "format", type=click.Choice(_FORMATS), default=_E["format"],
+@click.option("--format", "format", type=click.Choice(FORMATS), default=_E["format"],
               show_default=True,
               help="pt2: torch.export archive (unpickles code when loaded: treat it as code); "
                    "onnx: ONNX with a dynamic batch (needs the onnx extra); torchvision: a "
@@ -42,7 +41,7 @@ _FORMATS = ("pt2", "onnx", "torchvision")
               default=_E["parity_check"],
               help="Export without checking the model against the head on cached images.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@fail_on_value_error
+@fail_on_user_error
 def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
                    images_root: Path | None, **options) -> None:
     """Stitch a trained head and its frozen backbone into one model file.
@@ -82,8 +81,11 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
               show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=_P["workers"], show_default=True,
               help="Decoding processes; -1: automatic.")
+@click.option("--device", default=_P["device"], show_default=True,
+              help="auto (CUDA when there is one), cpu, cuda or cuda:N. pt2 and torchvision "
+                   "models run there; ONNX models use onnxruntime's CPU provider.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
-@fail_on_value_error
+@fail_on_user_error
 def predict_command(model: Path, images: tuple[Path, ...], out_format: str, output: Path | None,
                     quiet: bool, **options) -> None:
     """Top-k classes of images, with a model written by `pipeline export`.

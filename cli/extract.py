@@ -6,19 +6,18 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ExtractConfig
+from pipeline.config import BACKBONES, DTYPES, PRECISIONS, ExtractConfig
 
-from .main_helpers import defaults, fail_on_value_error
+from .main_helpers import defaults, fail_on_user_error
 
 _D = defaults(ExtractConfig)
-_BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 
 
 @click.command("extract")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="The HDF5 cache to write (CACHE.h5; CACHE.h5.partial while unfinished).")
-@click.option("--backbone", type=click.Choice(_BACKBONES), default=_D["backbone"], show_default=True,
+@click.option("--backbone", type=click.Choice(BACKBONES), default=_D["backbone"], show_default=True,
               help="Frozen network.")
 @click.option("--weights", default=_D["weights"], show_default=True,
               help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth state_dict, "
@@ -33,16 +32,16 @@ _BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vg
 @click.option("--workers", type=int, default=_D["workers"], show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=_D["dtype"],
+@click.option("--dtype", type=click.Choice(DTYPES), default=_D["dtype"],
               show_default=True, help="Storage dtype of the features.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               default=_D["precision"], show_default=True,
               help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
 @click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
               "with other settings.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image had to be skipped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
-@fail_on_value_error
+@fail_on_user_error
 def extract_command(source: Path, output: Path, quiet: bool, **options) -> None:
     """Run the frozen backbone over the images in SOURCE and cache the activations in -o.
 
@@ -64,7 +63,7 @@ def extract_command(source: Path, output: Path, quiet: bool, **options) -> None:
 @click.command("inspect")
 @click.argument("cache", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@fail_on_value_error
+@fail_on_user_error
 def inspect_command(cache: Path, as_json: bool) -> None:
     """Show a cache's manifest, rows per class, skipped images, and whether it is complete."""
     from cache.inspect import describe

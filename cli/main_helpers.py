@@ -6,18 +6,21 @@ import functools
 
 import click
 
+from cache.errors import UserError
+
 
 def defaults(config_cls) -> dict:
     """Field defaults of a config dataclass: the one place defaults live."""
     return {f.name: f.default for f in dataclasses.fields(config_cls)}
 
 
-def fail_on_value_error(fn):
-    """Turn library ValueErrors (user mistakes) into a one-line error and exit code 1."""
+def fail_on_user_error(fn):
+    """Turn the library's UserError (a user mistake) into a one-line `Error: ...` and exit 1.
+    Any other exception is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ValueError as e:
+        except UserError as e:
             raise click.ClickException(str(e)) from None
     return wrapper

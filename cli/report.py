@@ -7,7 +7,7 @@ import click
 
 from pipeline.config import ReportConfig
 
-from .main_helpers import defaults, fail_on_value_error
+from .main_helpers import defaults, fail_on_user_error
 
 _D = defaults(ReportConfig)
 
@@ -30,7 +30,7 @@ _D = defaults(ReportConfig)
               show_default=True, help="Rows of the leaderboard table in report.md.")
 @click.option("--dpi", type=click.IntRange(min=20), default=_D["dpi"], show_default=True,
               help="Resolution of the PNG figures.")
-@fail_on_value_error
+@fail_on_user_error
 def report_command(runs_dir: Path, output: Path | None, cache: Path | None,
                    images_root: Path | None, **options) -> None:
     """Draw the sweep recorded in RUNS_DIR (written by `pipeline train-head -o RUNS_DIR`).

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import TrainConfig
+from pipeline.config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
 
-from .main_helpers import defaults, fail_on_value_error
+from .main_helpers import defaults, fail_on_user_error
 
 _D = defaults(TrainConfig)
-_HEADS = ("linear", "mlp", "logreg")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -49,10 +48,15 @@ class _Size(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?)(i?b)?\s*",
+                         str(value).lower())
         if not m:
             self.fail(f"{value!r} is not a size such as 4G, 512M or 1000000", param, ctx)
-        return int(float(m.group(1)) * _UNITS[m.group(2)])
+        size = int(float(m.group(1)) * _UNITS[m.group(2)])
+        if size < 1:
+            self.fail(f"{value!r} is less than one byte: give a size such as 4G or 512M",
+                      param, ctx)
+        return size
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -86,11 +90,11 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--test", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Test cache: measured for every head, never used to pick one.")
 @_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
-       "(scikit-learn LogisticRegression).", _HEADS, "KIND,...")
+       "(scikit-learn LogisticRegression).", HEADS, "KIND,...")
 @_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
        metavar="H[xH],...")
-@_axis("activation", str, "mlp activations.", ("relu", "gelu", "tanh"), "ACT,...")
-@_axis("optimizer", str, "Optimizers: adamw, sgd (with --momentum).", ("adamw", "sgd"), "OPT,...")
+@_axis("activation", str, "mlp activations.", ACTIVATIONS, "ACT,...")
+@_axis("optimizer", str, "Optimizers: adamw, sgd (with --momentum).", OPTIMIZERS, "OPT,...")
 @_axis("lr", float, "Learning rates.", metavar="LR,...")
 @_axis("weight_decay", float, "Weight decays (decoupled for adamw, L2 for sgd).", metavar="WD,...")
 @_axis("dropout", float, "Dropout on the input features (and mlp hidden layers); 0.5 brings back "
@@ -104,13 +108,13 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
               show_default=True, help="Rows per step.")
 @click.option("--momentum", type=click.FloatRange(0, 1), default=_D["momentum"], show_default=True,
               help="sgd momentum.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]),
+@click.option("--schedule", type=click.Choice(SCHEDULES),
               default=_D["schedule"], show_default=True,
               help="Learning-rate schedule: cosine decays per step to 0; step multiplies by 0.1 "
                    "every --lr-step epochs.")
 @click.option("--lr-step", type=click.IntRange(min=0), default=_D["lr_step"], show_default=True,
               help="Period of the step schedule in epochs; 0: a third of --epochs.")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]),
+@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS),
               default=_D["class_weight"], show_default=True,
               help="balanced: weigh classes by n / (classes x count), as scikit-learn.")
 @click.option("--patience", type=click.IntRange(min=0), default=_D["patience"], show_default=True,
@@ -124,6 +128,10 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--max-memory", type=_Size(), default=_D["max_memory"], show_default="4G",
               help="Features held in RAM at most (4G, 512M); a larger cache is streamed from "
                    "HDF5 in shuffled whole chunks.")
+@click.option("--standardize/--no-standardize", default=_D["standardize"], show_default=True,
+              help="linear and mlp heads: train on features standardized with the training "
+                   "rows' per-feature mean and std (folded into the saved head, which takes "
+                   "raw features).")
 @click.option("--logreg-max-iter", type=click.IntRange(min=1), default=_D["logreg_max_iter"],
               show_default=True, help="lbfgs iterations per logreg fit.")
 @click.option("--logreg-standardize/--no-logreg-standardize", default=_D["logreg_standardize"],
@@ -133,7 +141,7 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
               help="Use the committed rows of caches whose extraction did not finish.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-@fail_on_value_error
+@fail_on_user_error
 def train_head_command(ctx: click.Context, train: Path, runs_dir: Path, val: Path | None,
                        test: Path | None, as_json: bool, **options) -> None:
     """Train many heads on the cached features in TRAIN, in one pass per head shape, and

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from cache.errors import UserError
+
 from .backbone import Preprocessing
 from .images import BadImageError, ImageList, file_digest, read_image
 
@@ -48,8 +50,23 @@ def digest_or_blank(path: Path) -> str:
 
 
 def default_workers(workers: int, cuda: bool) -> int:
-    """Decoding processes: `workers` if >= 0, else CPU: half the cores, GPU: up to 8."""
+    """Decoding processes: `workers` if >= 0, else CPU: half the cores, at most 4; GPU: up to 8."""
     if workers >= 0:
         return workers
     cpus = os.cpu_count() or 1
     return min(8, cpus) if cuda else min(4, cpus // 2)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device

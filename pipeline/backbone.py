@@ -20,7 +20,10 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+from cache.errors import UserError
+
+from .config import BACKBONES
+
 
 # Named cuts -> module path after which the network is cut (outputs flattened).
 LAYER_ALIASES = {
@@ -93,7 +96,7 @@ def cut(model: nn.Module, layer: str) -> nn.Sequential:
     path = resolve_layer(layer)
     names = layer_names(model)
     if path not in names:
-        raise ValueError(f"unknown layer {layer!r}: use fc7, fc6, pool5 or a module path such as "
+        raise UserError(f"unknown layer {layer!r}: use fc7, fc6, pool5 or a module path such as "
                          f"features.23, avgpool, classifier.0 (valid: {names[0]} .. {names[-1]})")
     stop = names.index(path)
     n_feat = len(model.features)
@@ -115,7 +118,7 @@ def default_preprocessing(backbone: str, image_size: int | None = None) -> Prepr
     resize, crop = int(t.resize_size[0]), int(t.crop_size[0])
     if image_size is not None:
         if image_size < 32:
-            raise ValueError(f"--image-size {image_size} is too small for VGG (5 poolings): use 32 or more")
+            raise UserError(f"--image-size {image_size} is too small for VGG (5 poolings): use 32 or more")
         resize, crop = round(image_size * resize / crop), image_size
     return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std),
                          interpolation=t.interpolation.value, antialias=bool(t.antialias))
@@ -137,20 +140,20 @@ def load_weights(backbone: str, weights: str | Path) -> tuple[dict, str]:
         try:
             return w.get_state_dict(progress=False, check_hash=True), f"{backbone}:{w.name}"
         except Exception as e:  # offline, proxy, disk full: say what to do instead
-            raise ValueError(f"could not get {backbone} weights {w.name} ({e}): connect to the "
+            raise UserError(f"could not get {backbone} weights {w.name} ({e}): connect to the "
                              "internet once, or pass a local .pth file with --weights") from None
     path = Path(text)
     if not path.is_file():
-        raise ValueError(f"--weights {text!r} is neither a weights name of {backbone} "
+        raise UserError(f"--weights {text!r} is neither a weights name of {backbone} "
                          f"({', '.join(['DEFAULT', *enum.__members__])}), an existing .pth file, nor 'none'")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot load weights file {path}: {e}") from None
+        raise UserError(f"cannot load weights file {path}: {e}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ValueError(f"weights file {path} does not hold a state_dict")
+        raise UserError(f"weights file {path} does not hold a state_dict")
     return sd, f"file:{path.name}"
 
 
@@ -162,14 +165,14 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT", lay
     state_dict used), layer (module path), layer_alias, feature_dim, preprocessing.
     """
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+        raise UserError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
     state_dict, weights_name = load_weights(backbone, weights)
     with torch.device("meta"):   # no random init of 138M parameters only to overwrite them
         model = getattr(torchvision.models, backbone)(weights=None)
     try:
         model.load_state_dict(state_dict, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"weights {weights_name} do not fit {backbone}: "
+        raise UserError(f"weights {weights_name} do not fit {backbone}: "
                          f"{str(e).splitlines()[0]}") from None
     pre = default_preprocessing(backbone, image_size)
     frozen = FrozenBackbone(cut(model, layer), pre.mean, pre.std)

@@ -1,10 +1,22 @@
-"""Stage configs: frozen dataclasses whose defaults are the only defaults (the CLI reads them).
+"""Stage configs: frozen dataclasses whose defaults are the only defaults (the CLI reads them),
+and the allowed values of their fields, listed once here for the library and the CLI alike.
 
 Torch-free, so the command line can build its options without importing torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Allowed values: the stages check against these and the CLI offers them as choices.
+BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+DTYPES = ("float16", "float32")                         # storage dtype of cached features
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
+HEADS = ("linear", "mlp", "logreg")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+CLASS_WEIGHTS = ("none", "balanced")
+FORMATS = ("pt2", "onnx", "torchvision")                # exported model formats
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class TrainConfig:
     shuffle_chunks: int = 0           # shuffle window in HDF5 chunks; 0: all that fit in max_memory
     max_memory: int = 4 * 2**30       # bytes of features held in RAM; above it, stream from HDF5
     logreg_max_iter: int = 1000       # lbfgs iterations per logreg fit
+    standardize: bool = True          # linear/mlp: train on features standardized with the
+                                      # training rows' mean and std (folded into the saved head)
     logreg_standardize: bool = True   # fit on standardized features (folded into the saved layer)
     allow_incomplete: bool = False    # train on the committed rows of unfinished caches
 
@@ -79,6 +93,7 @@ class PredictConfig:
     top_k: int = 5                   # classes reported per image, most probable first
     batch_size: int = 32             # images per forward pass
     workers: int = -1                # decoding processes; -1: auto (none for a single batch)
+    device: str = "auto"             # auto (CUDA when there is one), cpu, cuda, cuda:N
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
 
 

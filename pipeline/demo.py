@@ -26,6 +26,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from cache.errors import UserError
+
 from .backbone import Preprocessing, build_backbone, to_float_batch
 from .config import (DemoConfig, ExportConfig, ExtractConfig, PredictConfig, ReportConfig,
                      TrainConfig)
@@ -68,13 +70,13 @@ def demo(out_dir: str | Path = "demo-out", config: DemoConfig = DemoConfig(),
          echo: Callable[[str], None] | None = None) -> DemoSummary:
     """Run every stage on the digits under `out_dir`; `echo` gets each stage's lines as it ends.
 
-    Raises ValueError for user mistakes (weights that cannot be loaded, bad settings).
+    Raises UserError for user mistakes (weights that cannot be loaded, bad settings).
     """
     say = echo or (lambda line: None)
     if config.per_class is not None and config.per_class < 2:
-        raise ValueError(f"per_class {config.per_class}: use at least 2 images per class")
+        raise UserError(f"per_class {config.per_class}: use at least 2 images per class")
     if config.tutorial_steps < 1 or config.tutorial_batch < 1 or config.epochs < 1:
-        raise ValueError("epochs, tutorial steps and tutorial batch must be at least 1")
+        raise UserError("epochs, tutorial steps and tutorial batch must be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -157,7 +159,7 @@ def write_digits(root: str | Path, test_every: int = 5, per_class: int | None = 
     from sklearn.datasets import load_digits
 
     if test_every < 2:
-        raise ValueError(f"test_every {test_every}: use 2 or more (every n-th image of each "
+        raise UserError(f"test_every {test_every}: use 2 or more (every n-th image of each "
                          "digit is a test image)")
     digits = load_digits()
     root = Path(root)

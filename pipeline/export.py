@@ -39,14 +39,15 @@ import torchvision
 from torch import nn
 
 from cache import manifest as mf
+from cache.errors import UserError
 from cache.store import CacheReader
 
-from . import __version__
+from ._version import __version__
 from .backbone import FrozenBackbone, Preprocessing, build_backbone, to_float_batch
-from .config import ExportConfig
+from .config import FORMATS, ExportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
-from .models import FORMATS, META_NAME, MODEL_FORMAT, LoadedModel, load_model
+from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
     """Write the head at `head_path` (a run folder, its head.pt or head.json) stitched onto its
     backbone as one model file `output`, after checking it reproduces the head on cached images.
 
-    Raises ValueError for user mistakes: unknown or corrupt head, weights other than the cache's,
+    Raises UserError for user mistakes: unknown or corrupt head, weights other than the cache's,
     a format this head cannot take, no reachable cached images, a failed parity check.
     """
     t0 = time.perf_counter()
@@ -148,22 +149,22 @@ class _Stitched(nn.Module):
 
 def _check_request(config: ExportConfig, output: Path) -> None:
     if config.format not in FORMATS:
-        raise ValueError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
-    suffixes = FORMATS[config.format]
+        raise UserError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
+    suffixes = SUFFIXES[config.format]
     if output.suffix.lower() not in suffixes:
-        raise ValueError(f"-o {output}: a {config.format} model file ends in "
+        raise UserError(f"-o {output}: a {config.format} model file ends in "
                          f"{' or '.join(suffixes)}; name it {output.with_suffix(suffixes[0])} "
                          f"or pick the format that matches")
     if output.is_dir():
-        raise ValueError(f"-o {output} is a folder: give a file name such as "
+        raise UserError(f"-o {output} is a folder: give a file name such as "
                          f"{output / ('model' + suffixes[0])}")
     parent = output.resolve().parent
     if not parent.is_dir():
-        raise ValueError(f"output folder {parent} does not exist: create it first")
+        raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {parent}: choose another -o")
+        raise UserError(f"cannot write to {parent}: choose another -o")
     if config.parity_check and config.parity_images < 1:
-        raise ValueError(f"parity images must be at least 1, got {config.parity_images} "
+        raise UserError(f"parity images must be at least 1, got {config.parity_images} "
                          "(use --no-parity-check to skip the check)")
     if config.format == "onnx":
         try:
@@ -171,7 +172,7 @@ def _check_request(config: ExportConfig, output: Path) -> None:
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"--format onnx needs the onnx extra ({e.name} is missing): "
+            raise UserError(f"--format onnx needs the onnx extra ({e.name} is missing): "
                              "pip install 'frozen-feature-pipeline[onnx]'") from None
 
 
@@ -179,30 +180,30 @@ def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
     """`heads.load_head` with every way a head file can be wrong turned into one ValueError."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"no head at {path}: pass a run folder written by `pipeline train-head` "
+        raise UserError(f"no head at {path}: pass a run folder written by `pipeline train-head` "
                          "or its head.pt/head.json")
     if path.is_file() and path.name not in ("head.pt", "head.json"):
-        raise ValueError(f"{path} is not a head file: pass a run folder written by "
+        raise UserError(f"{path} is not a head file: pass a run folder written by "
                          "`pipeline train-head` or its head.pt/head.json")
     try:
         head, meta = load_head(path)
     except ValueError as e:
         if not isinstance(e, json.JSONDecodeError):
             raise   # load_head's own one-line refusals
-        raise ValueError(f"head {path} is corrupt (head.json is not JSON: {e}): retrain it with "
+        raise UserError(f"head {path} is corrupt (head.json is not JSON: {e}): retrain it with "
                          "`pipeline train-head` or pick another run") from None
     except Exception as e:   # truncated zip, wrong tensor shapes, missing keys, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"head {path} is corrupt ({type(e).__name__}: {reason[:200]}): "
+        raise UserError(f"head {path} is corrupt ({type(e).__name__}: {reason[:200]}): "
                          "retrain it with `pipeline train-head` or pick another run") from None
     cache = meta.get("cache")
     needed = ("backbone", "weights", "weights_sha256", "layer", "feature_dim", "preprocessing",
               "precision", "dtype")
     if not isinstance(cache, dict) or any(k not in cache for k in needed):
-        raise ValueError(f"head {path} does not record the cache it was trained on: "
+        raise UserError(f"head {path} does not record the cache it was trained on: "
                          "retrain it with `pipeline train-head`")
     if int(meta["in_dim"]) != int(cache["feature_dim"]):
-        raise ValueError(f"head {path} is corrupt: it takes {meta['in_dim']} features but its "
+        raise UserError(f"head {path} is corrupt: it takes {meta['in_dim']} features but its "
                          f"cache has {cache['feature_dim']}: retrain it")
     return head, meta
 
@@ -212,7 +213,7 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
         return
     cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
     if meta["cache"]["layer"] not in FC7 or meta["kind"] not in ("linear", "logreg"):
-        raise ValueError(f"--format torchvision is the tutorial's VGG with a new last layer: it "
+        raise UserError(f"--format torchvision is the tutorial's VGG with a new last layer: it "
                          f"needs the fc7 cut and a linear (or logreg) head, this is a "
                          f"{meta['kind']} head on {cut}: use --format pt2 or onnx")
 
@@ -221,7 +222,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
     """The cache whose images and features drive the parity check (same features as the head's)."""
     path = Path(config.cache or meta["cache"].get("path") or "")
     if not path.is_file():
-        raise ValueError(f"the parity check needs the cache the head was trained on, and "
+        raise UserError(f"the parity check needs the cache the head was trained on, and "
                          f"{str(path) or 'none'} is not there: pass --cache PATH, or "
                          "--no-parity-check to export without the check")
     reader = CacheReader(path)
@@ -229,7 +230,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
     diff = mf.differences(meta["cache"], reader.manifest, keys)
     if diff:
         reader.close()
-        raise ValueError(f"cache {path} holds other features than the head was trained on "
+        raise UserError(f"cache {path} holds other features than the head was trained on "
                          f"({'; '.join(diff)}): pass --cache with a cache of the same features")
     return reader
 
@@ -241,7 +242,7 @@ def _weights_arg(recorded: str, given: str | None) -> str:
     if recorded == "none":
         return "none"
     if recorded.startswith("file:"):
-        raise ValueError(f"the cache was extracted with the local weights file {recorded[5:]}: "
+        raise UserError(f"the cache was extracted with the local weights file {recorded[5:]}: "
                          "pass it again with --weights PATH")
     return recorded.split(":", 1)[1] if ":" in recorded else recorded
 
@@ -256,13 +257,13 @@ def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, 
     backbone, info = build_backbone(m["backbone"], arg, m["layer"],
                                     image_size=m["preprocessing"]["crop_size"])
     if info["weights_sha256"] != m["weights_sha256"]:
-        raise ValueError(f"weights {info['weights']} (state_dict sha256 "
+        raise UserError(f"weights {info['weights']} (state_dict sha256 "
                          f"{info['weights_sha256'][:12]}) are not the weights the cache was "
                          f"extracted with ({m['weights']}, sha256 {m['weights_sha256'][:12]}): "
                          "pass those with --weights, or re-extract and retrain with these")
     if info["preprocessing"] != m["preprocessing"] or info["feature_dim"] != m["feature_dim"]:
         diff = mf.differences(m, info, ("preprocessing", "feature_dim"))
-        raise ValueError(f"the rebuilt backbone differs from the cache's ({'; '.join(diff)}): "
+        raise UserError(f"the rebuilt backbone differs from the cache's ({'; '.join(diff)}): "
                          "export with the torchvision version that extracted the cache")
     return backbone, {**info, "layer_alias": m.get("layer_alias")}
 
@@ -376,7 +377,7 @@ def _parity(model: LoadedModel, head: nn.Module, reader: CacheReader, rows: list
     log.info("parity on %d cached images: max |logit diff| %.3g, tolerance %.3g",
              len(rows), diff, tolerance)
     if not diff <= tolerance:   # also catches NaN
-        raise ValueError(f"parity check failed: on {len(rows)} images of {reader.path} the "
+        raise UserError(f"parity check failed: on {len(rows)} images of {reader.path} the "
                          f"stitched model's logits differ from the head's on the cached features "
                          f"by up to {diff:.3g} (tolerance {tolerance:.3g}, logits up to "
                          f"{result['max_abs_logit']:.3g}): the images, weights or preprocessing "
@@ -406,7 +407,7 @@ def _parity_images(reader: CacheReader, pre: Preprocessing, config: ExportConfig
             rows.append(r)
             crops.append(pre(img))
     if not rows:
-        raise ValueError(f"parity check: none of the {tried} cached images tried is readable and "
+        raise UserError(f"parity check: none of the {tried} cached images tried is readable and "
                          f"unchanged under {root}: pass --images-root with the folder the images "
                          "now live in, --cache with another cache of the same features, or "
                          "--no-parity-check")
@@ -425,7 +426,7 @@ def _error_sigma(head: nn.Module, feats: torch.Tensor, eps: float) -> torch.Tens
             elif isinstance(layer, nn.GELU):
                 var = var * _GELU_SLOPE ** 2
             elif not isinstance(layer, (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout)):
-                raise ValueError(f"the parity check does not know head layer {layer}: "
+                raise UserError(f"the parity check does not know head layer {layer}: "
                                  "use --no-parity-check")    # 1-Lipschitz layers pass through
     return var.sqrt()
 

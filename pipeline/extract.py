@@ -27,18 +27,19 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from cache import manifest as mf
+from cache.errors import UserError
 from cache.store import CacheReader, CacheWriter, assemble, finish, partial_path
 
-from . import __version__
+from ._version import __version__
 from ._progress import Progress
-from .config import ExtractConfig
+from .config import DTYPES, PRECISIONS, ExtractConfig
 from .backbone import Preprocessing, build_backbone, to_float_batch
-from ._loading import ImageBatches, collate, default_workers, digest_or_blank
+from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
 from .images import ImageList, find_images
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -68,7 +69,7 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
             ) -> ExtractSummary:
     """Extract features of every image under `source` into the cache file `output`.
 
-    Raises ValueError for user mistakes (bad source, mismatching cache, unwritable output);
+    Raises UserError for user mistakes (bad source, mismatching cache, unwritable output);
     with `config.strict`, also when images had to be skipped (after the cache is written).
     """
     t0 = time.perf_counter()
@@ -76,7 +77,7 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
     _check_config(config)
     _check_output(output)
     images = find_images(source)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     precision = _precision(config.precision, device)
     model, info = _build(config)
     manifest = _manifest(info, config, precision, images)
@@ -183,14 +184,14 @@ def _open_compatible(path: Path, manifest: dict, overwrite: bool) -> CacheReader
     except ValueError as e:
         if overwrite:
             return None
-        raise ValueError(f"{path} exists but is not a usable feature cache ({e}); "
+        raise UserError(f"{path} exists but is not a usable feature cache ({e}); "
                          "pass --overwrite to replace it") from None
     diff = mf.differences(reader.manifest, manifest)
     if diff:
         reader.close()
         if overwrite:
             return None
-        raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}): pass the "
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): pass the "
                          "same settings to update it, --overwrite to start again, or another -o")
     return reader
 
@@ -215,7 +216,7 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
     loader = DataLoader(ImageBatches(images, pre), batch_sampler=batches, collate_fn=collate,
                         num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
     committer = _Committer(writer)
-    autocast = (torch.autocast(device.type, dtype=_PRECISIONS[precision])
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision])
                 if precision != "float32" else contextlib.nullcontext())
     with Progress(len(todo), "extract", config.progress) as bar, torch.inference_mode():
         for batch in loader:
@@ -286,46 +287,32 @@ def _digests(images: ImageList) -> list[str]:
         return list(pool.map(digest_or_blank, paths))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def _precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in _PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: use auto, {', '.join(_PRECISIONS)}")
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
     return name
 
 
 def _check_config(config: ExtractConfig) -> None:
-    if config.dtype not in ("float16", "float32"):
-        raise ValueError(f"unknown storage dtype {config.dtype!r}: use float16 or float32")
+    if config.dtype not in DTYPES:
+        raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
     if config.batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {config.batch_size}")
+        raise UserError(f"batch size must be at least 1, got {config.batch_size}")
 
 
 def _check_output(output: Path) -> None:
     """Fail before any work when the output cannot be written."""
     if output.is_dir():
-        raise ValueError(f"output {output} is a folder: give a file name such as {output / 'cache.h5'}")
+        raise UserError(f"output {output} is a folder: give a file name such as {output / 'cache.h5'}")
     parent = output.resolve().parent
     if not parent.is_dir():
-        raise ValueError(f"output folder {parent} does not exist: create it first")
+        raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {parent}: choose another -o")
+        raise UserError(f"cannot write to {parent}: choose another -o")
     if output.exists() and not os.access(output, os.W_OK):
-        raise ValueError(f"cannot replace {output}: it is not writable")
+        raise UserError(f"cannot replace {output}: it is not writable")
 
 
 def _build(config: ExtractConfig):
@@ -360,7 +347,7 @@ def _remove(path: Path) -> None:
 
 def _finish_strict(summary: ExtractSummary, config: ExtractConfig) -> ExtractSummary:
     if config.strict and summary.bad:
-        raise ValueError(f"{len(summary.bad)} images could not be used (--strict): "
+        raise UserError(f"{len(summary.bad)} images could not be used (--strict): "
                          + "; ".join(f"{p}: {r}" for p, r in summary.bad[:5])
                          + (" ..." if len(summary.bad) > 5 else "")
                          + f". The cache {summary.path} holds the rest.")

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.errors import UserError
+
 HEAD_FORMAT = "pipeline-head/1"
 ACTIVATIONS = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU), "tanh": (torch.tanh, nn.Tanh)}
 OPTIMIZERS = ("adamw", "sgd")
@@ -57,11 +59,11 @@ class HeadStack:
                  dropouts: Sequence[float] | None = None, hidden: Sequence[int] = (),
                  activation: str = "relu"):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: use {', '.join(ACTIVATIONS)}")
+            raise UserError(f"unknown activation {activation!r}: use {', '.join(ACTIVATIONS)}")
         k = len(seeds)
         dropouts = [0.0] * k if dropouts is None else [float(p) for p in dropouts]
         if len(dropouts) != k or any(not 0.0 <= p < 1.0 for p in dropouts):
-            raise ValueError(f"need one dropout in [0, 1) per head, got {dropouts}")
+            raise UserError(f"need one dropout in [0, 1) per head, got {dropouts}")
         self.in_dim, self.n_classes, self.k = in_dim, n_classes, k
         self.hidden, self.activation = tuple(int(h) for h in hidden), activation
         self.dropouts = dropouts
@@ -170,7 +172,7 @@ class StackedOptimizer:
                  weight_decay: Sequence[float], momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         if kind not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {kind!r}: use {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer {kind!r}: use {', '.join(OPTIMIZERS)}")
         self.params, self.kind = list(params), kind
         self.lr = torch.as_tensor(lr, dtype=torch.float64)               # (K,)
         self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64)
@@ -277,7 +279,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter:
     from sklearn.linear_model import LogisticRegression
 
     if len(np.unique(y)) < 2:
-        raise ValueError("logreg needs training rows of at least two classes")
+        raise UserError("logreg needs training rows of at least two classes")
     clf = LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight)
     with warnings.catch_warnings(record=True) as caught:
         warnings.filterwarnings("always", category=ConvergenceWarning)
@@ -307,7 +309,7 @@ def build_head(meta: dict) -> nn.Module:
     if kind in ("linear", "logreg"):
         return nn.Linear(d, c)
     if kind != "mlp":
-        raise ValueError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
+        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
                          "or logreg")
     act = ACTIVATIONS[meta["activation"]][1]
     dims, layers = [d, *meta["hidden"], c], []
@@ -335,11 +337,11 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     run_dir = path if path.is_dir() else path.parent
     meta_path, weights_path = run_dir / "head.json", run_dir / "head.pt"
     if not meta_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{path} is not a trained head: expected head.json and head.pt in "
+        raise UserError(f"{path} is not a trained head: expected head.json and head.pt in "
                          f"{run_dir} (a run folder written by `pipeline train-head`)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{meta_path} has head format {meta.get('format')!r}, this tool reads "
+        raise UserError(f"{meta_path} has head format {meta.get('format')!r}, this tool reads "
                          f"{HEAD_FORMAT!r}: retrain the head")
     module = build_head(meta)
     module.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cache.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -82,13 +84,13 @@ def find_images(source: str | Path) -> ImageList:
     """
     src = Path(source).expanduser()
     if not src.exists():
-        raise ValueError(f"image source {src} does not exist: pass a folder of images or a .csv/.tsv list")
+        raise UserError(f"image source {src} does not exist: pass a folder of images or a .csv/.tsv list")
     src = src.resolve()
     if src.is_dir():
         return _find_in_folder(src)
     if src.suffix.lower() in LIST_EXTENSIONS:
         return _read_list_file(src)
-    raise ValueError(
+    raise UserError(
         f"image source {src} is a {src.suffix or 'extension-less'} file: pass a folder of images "
         f"or a .csv/.tsv list file with rows path[,label]"
     )
@@ -97,7 +99,7 @@ def find_images(source: str | Path) -> ImageList:
 def _find_in_folder(root: Path) -> ImageList:
     found = sorted(_walk_images(root))
     if not found:
-        raise ValueError(
+        raise UserError(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
             f"and extension-less files by content): point to the folder that holds the images"
         )
@@ -158,7 +160,7 @@ def _has_image_signature(path: Path) -> bool:
 def _read_list_file(list_file: Path) -> ImageList:
     rows = _parse_list_rows(list_file)
     if not rows:
-        raise ValueError(f"list file {list_file} has no rows: add one `path[,label]` row per image")
+        raise UserError(f"list file {list_file} has no rows: add one `path[,label]` row per image")
     _check_unique(list_file, rows)
     rows.sort(key=lambda r: r[1])
     class_names = tuple(sorted({label for _, _, label in rows if label}))
@@ -191,9 +193,9 @@ def _parse_list_rows(list_file: Path) -> list[tuple[int, str, str]]:
 
 def _parse_list_row(list_file: Path, line: int, cells: list[str]) -> tuple[int, str, str]:
     if not cells[0]:
-        raise ValueError(f"{list_file} line {line}: empty path: each row is path[,label]")
+        raise UserError(f"{list_file} line {line}: empty path: each row is path[,label]")
     if any(cells[2:]):
-        raise ValueError(f"{list_file} line {line}: {len(cells)} columns, expected path[,label]")
+        raise UserError(f"{list_file} line {line}: {len(cells)} columns, expected path[,label]")
     label = cells[1] if len(cells) > 1 else ""
     return line, Path(cells[0]).as_posix(), label
 
@@ -204,7 +206,7 @@ def _check_unique(list_file: Path, rows: list[tuple[int, str, str]]) -> None:
         lines.setdefault(path, []).append(line)
     for path, at in lines.items():
         if len(at) > 1:
-            raise ValueError(
+            raise UserError(
                 f"{list_file}: {path} is listed more than once (lines {', '.join(map(str, at))}): "
                 f"keep one row per image"
             )

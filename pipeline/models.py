@@ -15,17 +15,20 @@ import torch
 import torchvision
 from torchvision.transforms import functional as TF
 
+from cache.errors import UserError
+
 from .backbone import Preprocessing
 
 MODEL_FORMAT = "pipeline-model/1"
-FORMATS = {"pt2": (".pt2",), "onnx": (".onnx",), "torchvision": (".pth", ".pt")}
+SUFFIXES = {"pt2": (".pt2",), "onnx": (".onnx",), "torchvision": (".pth", ".pt")}   # by format
 META_NAME = "pipeline.json"          # pt2 extra file / ONNX metadata_props key (as "pipeline")
 
 
 
 @dataclass
 class LoadedModel:
-    """An exported model: `run(x)` maps (N, 3, S, S) float32 in [0, 1] to (N, C) float32 logits."""
+    """An exported model: `run(x)` maps (N, 3, S, S) float32 in [0, 1] to (N, C) float32 logits
+    on the CPU, whatever device the model runs on."""
     path: Path
     format: str
     meta: dict
@@ -40,25 +43,27 @@ class LoadedModel:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load a model written by `export()`, whichever its format.
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model written by `export()`, whichever its format, to run on `device`.
 
     pt2 archives are loaded with torch.export.load, which unpickles code: load only files you
-    trust. ONNX and the torchvision state_dict (weights_only=True) do not.
+    trust. ONNX and the torchvision state_dict (weights_only=True) do not. ONNX models run on
+    onnxruntime's CPU provider whatever `device` says.
     """
+    device = torch.device(device)
     path = Path(path)
     if path.suffix.lower() == ".json" and path.is_file():   # the torchvision sidecar itself
         path = path.with_name(_read_json(path).get("weights_file", path.stem + ".pth"))
     if not path.is_file():
-        raise ValueError(f"no model at {path}: pass a file written by `pipeline export`")
+        raise UserError(f"no model at {path}: pass a file written by `pipeline export`")
     sidecar = path.with_suffix(".json")
-    if path.suffix.lower() in FORMATS["torchvision"]:
+    if path.suffix.lower() in SUFFIXES["torchvision"]:
         if not sidecar.is_file():
-            raise ValueError(f"{path} has no {sidecar.name} next to it: a torchvision-format "
+            raise UserError(f"{path} has no {sidecar.name} next to it: a torchvision-format "
                              "model needs the sidecar `pipeline export` wrote with it")
-        return _load_torchvision(path, _check_meta(_read_json(sidecar), sidecar))
+        return _load_torchvision(path, _check_meta(_read_json(sidecar), sidecar), device)
     if zipfile.is_zipfile(path):
-        return _load_pt2(path)
+        return _load_pt2(path, device)
     return _load_onnx(path)
 
 
@@ -66,62 +71,65 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable model metadata ({e}): "
+        raise UserError(f"{path} is not readable model metadata ({e}): "
                          "export the model again") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not model metadata written by `pipeline export`")
+        raise UserError(f"{path} is not model metadata written by `pipeline export`")
     return data
 
 
 def _check_meta(meta: dict, where: Path) -> dict:
     if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{where} is not a model written by `pipeline export` (format "
+        raise UserError(f"{where} is not a model written by `pipeline export` (format "
                          f"{meta.get('format')!r}, expected {MODEL_FORMAT!r}): export it again")
     return meta
 
 
-def _load_pt2(path: Path) -> LoadedModel:
+def _load_pt2(path: Path, device: torch.device) -> LoadedModel:
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
     if not any(n.endswith("/archive_format") for n in names):
-        raise ValueError(f"{path} is a zip file but not a .pt2 archive written by "
+        raise UserError(f"{path} is a zip file but not a .pt2 archive written by "
                          "`pipeline export`")
     if not any(n.endswith(f"/extra/{META_NAME}") for n in names):
-        raise ValueError(f"{path} is a .pt2 archive without {META_NAME}: it was not written by "
+        raise UserError(f"{path} is a .pt2 archive without {META_NAME}: it was not written by "
                          "`pipeline export`; export the model again")
     if path.suffix.lower() != ".pt2":
-        raise ValueError(f"{path} is a .pt2 archive: rename it to {path.with_suffix('.pt2').name} "
+        raise UserError(f"{path} is a .pt2 archive: rename it to {path.with_suffix('.pt2').name} "
                          "(torch.export.load reads only .pt2 files)")
     extra = {META_NAME: ""}
     program = torch.export.load(path, extra_files=extra)
     meta = _check_meta(json.loads(extra[META_NAME]), path)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+        program = move_to_device_pass(program, device)
     module = program.module()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return module(x)
+            return module(x.to(device)).cpu()
     return LoadedModel(path, "pt2", meta, run)
 
 
 def _load_onnx(path: Path) -> LoadedModel:
     with open(path, "rb") as f:
         if f.read(1) != b"\x08":   # an ONNX ModelProto opens with field 1, ir_version (varint)
-            raise ValueError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
+            raise UserError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
                              "ONNX nor a torchvision state_dict with its sidecar)")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError(f"{path} looks like an ONNX model, which needs onnxruntime: "
+        raise UserError(f"{path} looks like an ONNX model, which needs onnxruntime: "
                          "pip install 'frozen-feature-pipeline[onnx]'") from None
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own exception types
-        raise ValueError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
+        raise UserError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
                          f"ONNX nor a torchvision state_dict with its sidecar): "
                          f"{str(e).splitlines()[0][:200]}") from None
     text = session.get_modelmeta().custom_metadata_map.get("pipeline")
     if text is None:
-        raise ValueError(f"{path} is an ONNX model without pipeline metadata: it was not written "
+        raise UserError(f"{path} is an ONNX model without pipeline metadata: it was not written "
                          "by `pipeline export`")
     meta = _check_meta(json.loads(text), path)
     name = session.get_inputs()[0].name
@@ -132,7 +140,7 @@ def _load_onnx(path: Path) -> LoadedModel:
     return LoadedModel(path, "onnx", meta, run)
 
 
-def _load_torchvision(path: Path, meta: dict) -> LoadedModel:
+def _load_torchvision(path: Path, meta: dict, device: torch.device) -> LoadedModel:
     tv = meta["torchvision"]
     with torch.device("meta"):   # no random init only to overwrite it
         vgg = getattr(torchvision.models, tv["model"])(num_classes=int(tv["num_classes"]))
@@ -140,12 +148,12 @@ def _load_torchvision(path: Path, meta: dict) -> LoadedModel:
         state = torch.load(path, map_location="cpu", weights_only=True)
         vgg.load_state_dict(state, assign=True)
     except Exception as e:
-        raise ValueError(f"{path} is not the state_dict its sidecar describes "
+        raise UserError(f"{path} is not the state_dict its sidecar describes "
                          f"({str(e).splitlines()[0][:200]}): export the model again") from None
-    vgg.eval().requires_grad_(False)
+    vgg.eval().requires_grad_(False).to(device)
     pre = meta["preprocessing"]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return vgg(TF.normalize(x, pre["mean"], pre["std"]))
+            return vgg(TF.normalize(x.to(device), pre["mean"], pre["std"])).cpu()
     return LoadedModel(path, "torchvision", meta, run)

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from cache.errors import UserError
+
 from ._progress import Progress
 from .backbone import to_float_batch
 from .config import PredictConfig
-from ._loading import ImageBatches, collate, default_workers   # extract's loader: same pixels
+from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
 from .models import load_model
 from .images import LIST_EXTENSIONS, ImageList, find_images
 
@@ -54,23 +56,24 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
             ) -> PredictResult:
     """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists).
 
-    Raises ValueError for user mistakes: a file that is not an exported model, a missing input,
+    Raises UserError for user mistakes: a file that is not an exported model, a missing input,
     a folder without images, bad settings.
     """
     t0 = time.perf_counter()
     if config.top_k < 1 or config.batch_size < 1:
-        raise ValueError(f"top-k and batch size must be at least 1, got {config.top_k} and "
+        raise UserError(f"top-k and batch size must be at least 1, got {config.top_k} and "
                          f"{config.batch_size}")
     images = _collect(inputs)
-    model = load_model(model_path)
+    device = resolve_device(config.device)
+    model = load_model(model_path, device)
     names = model.class_names
     k = min(config.top_k, len(names))
     n = len(images.paths)
     step = config.batch_size
     batches = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
-    workers = 0 if len(batches) < 2 else default_workers(config.workers, False)
+    workers = 0 if len(batches) < 2 else default_workers(config.workers, device.type == "cuda")
     loader = DataLoader(ImageBatches(images, model.preprocessing), batch_sampler=batches,
-                        collate_fn=collate, num_workers=workers)
+                        collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda")
     predictions, blocks, skipped = [], [], []
     with Progress(n, "predict", config.progress) as bar:
         for batch in loader:
@@ -92,7 +95,7 @@ def _collect(inputs) -> ImageList:
     for arg in inputs:
         p = Path(arg).expanduser()
         if not p.exists():
-            raise ValueError(f"{arg} does not exist: pass image files, folders of images or "
+            raise UserError(f"{arg} does not exist: pass image files, folders of images or "
                              ".csv/.tsv lists")
         if p.is_dir() or p.suffix.lower() in LIST_EXTENSIONS:
             found = find_images(p)
@@ -101,7 +104,7 @@ def _collect(inputs) -> ImageList:
         else:
             paths.append(p.as_posix())               # decoded as given; a non-image is reported
     if not paths:
-        raise ValueError("no images given: pass image files or folders")
+        raise UserError("no images given: pass image files or folders")
     # Relative paths resolve against the working directory, absolute ones stay as they are.
     return ImageList(Path.cwd(), tuple(paths), (-1,) * len(paths), (), "list")
 

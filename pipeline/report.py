@@ -36,6 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from cache import manifest as mf
+from cache.errors import UserError
 from cache.store import CacheReader
 
 from .config import ReportConfig
@@ -81,13 +82,13 @@ def report(runs_dir: str | Path, output: str | Path | None = None,
            config: ReportConfig = ReportConfig()) -> ReportSummary:
     """Draw the figures of the sweep recorded in `runs_dir` and write `output`/report.md.
 
-    `output` defaults to RUNS_DIR/report. Raises ValueError when `runs_dir` holds no sweep
+    `output` defaults to RUNS_DIR/report. Raises UserError when `runs_dir` holds no sweep
     (no results.csv) or the settings are bad; a cache or images that cannot be found only
     leave the misclassified grid empty, with a note saying why.
     """
     t0 = time.perf_counter()
     if config.misclassified < 0 or config.leaderboard_rows < 1 or config.dpi < 20:
-        raise ValueError("--misclassified must be >= 0, --leaderboard-rows >= 1 and --dpi >= 20")
+        raise UserError("--misclassified must be >= 0, --leaderboard-rows >= 1 and --dpi >= 20")
     runs_dir = Path(runs_dir)
     out = Path(output) if output is not None else runs_dir / "report"
     notes: list[str] = []
@@ -121,12 +122,12 @@ def _read_sweep(runs_dir: Path, notes: list) -> tuple[list[dict], dict]:
     """(results.csv rows in leaderboard order with numbers as numbers, run_id -> records)."""
     csv_path = runs_dir / "results.csv"
     if not csv_path.is_file():
-        raise ValueError(f"no results.csv in {runs_dir}: pass the folder that `pipeline "
+        raise UserError(f"no results.csv in {runs_dir}: pass the folder that `pipeline "
                          "train-head -o RUNS_DIR` wrote")
     with open(csv_path, newline="") as f:
         rows = [{k: _value(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows:
-        raise ValueError(f"{csv_path} lists no runs: run `pipeline train-head` again")
+        raise UserError(f"{csv_path} lists no runs: run `pipeline train-head` again")
     rows.sort(key=lambda r: r.get("rank") or math.inf)
     runs = {}
     for r in rows:

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from cache import manifest as mf
+from cache.errors import UserError
 from cache.store import CacheReader
 
-from . import __version__
+from ._version import __version__
 from .config import TrainConfig
 from .heads import (
     ACTIVATIONS,
@@ -80,7 +81,7 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
     Validation: the cache `val_path`, else the rows of `train_path` whose path hashes below
     `config.val_fraction`. Returns a JSON-able summary: `leaderboard` (rows of results.csv,
     best first, ranked by validation accuracy), `best_run`, `best_path`, data and memory use.
-    Raises ValueError for user mistakes: mismatching or incomplete caches, bad settings,
+    Raises UserError for user mistakes: mismatching or incomplete caches, bad settings,
     NaN/inf features.
     """
     t0 = time.perf_counter()
@@ -155,7 +156,7 @@ def _experiments(cfg: TrainConfig) -> list[_Experiment]:
 
 def _check_config(cfg: TrainConfig, has_val: bool) -> None:
     def bad(what: str, fix: str):
-        raise ValueError(f"{what}: {fix}")
+        raise UserError(f"{what}: {fix}")
 
     for name, allowed in (("head", HEADS), ("optimizer", OPTIMIZERS), ("activation", ACTIVATIONS)):
         if not getattr(cfg, name):
@@ -258,7 +259,7 @@ class _Split:
             finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             row = int(self.rows[s + int(np.argmin(finite))])
-            raise ValueError(f"{self.role} cache {self.reader.path} has NaN or inf features "
+            raise UserError(f"{self.role} cache {self.reader.path} has NaN or inf features "
                              f"(row {row}, {self.reader.paths[row]}): re-extract it, e.g. "
                              "with --precision float32")
 
@@ -340,18 +341,18 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
         reader = CacheReader(path, allow_incomplete=True)
         readers.append(reader)
         if not reader.complete and not cfg.allow_incomplete:
-            raise ValueError(f"{role} cache {path} is incomplete (extraction did not finish, "
+            raise UserError(f"{role} cache {path} is incomplete (extraction did not finish, "
                              f"{reader.n_rows} rows committed): re-run the same `pipeline extract` "
                              "command to finish it, or pass --allow-incomplete to use those rows")
         if not reader.class_names:
-            raise ValueError(f"{role} cache {path} has no class names: train-head needs labeled "
+            raise UserError(f"{role} cache {path} has no class names: train-head needs labeled "
                              "images (a folder per class, or a list file with labels)")
         return reader
 
     def labeled(reader, role):
         labels = reader.labels
         if (labels >= len(reader.class_names)).any():
-            raise ValueError(f"{role} cache {reader.path} has labels beyond its "
+            raise UserError(f"{role} cache {reader.path} has labels beyond its "
                              f"{len(reader.class_names)} class names: the cache is damaged, "
                              "re-extract it")
         unlabeled = int((labels < 0).sum())
@@ -366,7 +367,7 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
         in_val = hash_split(train_reader.paths, cfg.val_fraction)
         val = _Split("val", train_reader, np.flatnonzero(keep & in_val))
         if not len(val.rows):
-            raise ValueError(f"--val-fraction {cfg.val_fraction} of {int(keep.sum())} labeled rows "
+            raise UserError(f"--val-fraction {cfg.val_fraction} of {int(keep.sum())} labeled rows "
                              "selected no validation rows: give --val VAL.h5 or a larger fraction")
         keep &= ~in_val
     for path, role in ((val_path, "val"), (test_path, "test")):
@@ -375,17 +376,17 @@ def _open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: lis
         reader = open_cache(path, role)
         diff = mf.differences(train_reader.manifest, reader.manifest, MATCH_KEYS)
         if diff:
-            raise ValueError(
+            raise UserError(
                 f"{role} cache {path} does not match the train cache {train_path}: "
                 + "; ".join(diff) + ". Extract both with the same --backbone, --weights, --layer, "
                 "--image-size and --precision, from data with the same classes")
         split = _Split(role, reader, np.flatnonzero(labeled(reader, role)))
         if not len(split.rows):
-            raise ValueError(f"{role} cache {path} has no labeled rows")
+            raise UserError(f"{role} cache {path} has no labeled rows")
         val, test = (split, test) if role == "val" else (val, split)
     train = _Split("train", train_reader, np.flatnonzero(keep))
     if not len(train.rows):
-        raise ValueError(f"train cache {train_path} has no labeled rows left to train on")
+        raise UserError(f"train cache {train_path} has no labeled rows left to train on")
     return train, val, test
 
 
@@ -400,10 +401,10 @@ def _plan_memory(train: _Split, evals: list[_Split], cfg: TrainConfig) -> dict:
         # Stream: a window of chunks for training plus one chunk for streamed evaluation.
         window = cfg.shuffle_chunks or cfg.max_memory // chunk_bytes - 1
         if window < 1 or (window + 1) * chunk_bytes > cfg.max_memory:
-            raise ValueError(_window_error(cfg, chunk_bytes))
+            raise UserError(_window_error(cfg, chunk_bytes))
         used = window * chunk_bytes
         if "logreg" in cfg.head:
-            raise ValueError(f"logreg heads need the training features in RAM "
+            raise UserError(f"logreg heads need the training features in RAM "
                              f"({_size(train.nbytes)}, more than --max-memory "
                              f"{_size(cfg.max_memory)}): raise --max-memory or train linear heads")
     streamed = False
