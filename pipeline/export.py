@@ -253,7 +253,7 @@ def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, 
     arg = _weights_arg(m["weights"], weights)
     if arg.lower() == "none":
         log.warning("the cache was made with RANDOM-INIT %s weights (none): so is the model",
-                    m["backbone"])
+                    m["backbone"], extra={"random_init": True})
     backbone, info = build_backbone(m["backbone"], arg, m["layer"],
                                     image_size=m["preprocessing"]["crop_size"])
     if info["weights_sha256"] != m["weights_sha256"]:

@@ -318,7 +318,7 @@ def _check_output(output: Path) -> None:
 def _build(config: ExtractConfig):
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
-                    "network, not a pretrained one", config.backbone)
+                    "network, not a pretrained one", config.backbone, extra={"random_init": True})
     return build_backbone(config.backbone, config.weights, config.layer, config.image_size)
 
 
