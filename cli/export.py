@@ -98,7 +98,12 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
     """
     from pipeline.predict import predict
 
+    if output is not None:
+        _refuse_input_as_output(output, [model, *images])
     result = predict(model, images, PredictConfig(**options, progress=False if quiet else None))
+    if output is not None:
+        _refuse_input_as_output(output, [Path(p["path"]) for p in result.predictions]
+                                + [Path(p) for p, _ in result.skipped])
     for path, reason in result.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     text = {"table": _table, "csv": _csv, "json": _json}[out_format](result)
@@ -111,6 +116,19 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
     except OSError as e:
         raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     click.echo(f"{result.line()}; written to {output}")
+
+
+def _refuse_input_as_output(output: Path, inputs: list[Path]) -> None:
+    """-o must not replace the model, an input image or list, or an image inside an input folder."""
+    from pipeline.images import IMAGE_EXTENSIONS
+
+    target = output.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if target == p or (p.is_dir() and p in target.parents and target.exists()
+                           and target.suffix.lower() in IMAGE_EXTENSIONS):
+            raise click.UsageError(f"-o {output} would overwrite an input ({p}): write the "
+                                   "predictions to another file")
 
 
 def _table(result) -> str:

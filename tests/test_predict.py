@@ -127,3 +127,35 @@ def test_user_errors_are_one_line(setup, tmp_path, case, words):
     assert run.exit_code == 1, run.output
     assert "Traceback" not in run.output and run.output.count("Error:") == 1
     assert words in run.output, run.output
+
+
+def test_output_onto_an_input_is_refused(setup, tmp_path):
+    images = tmp_path / "imgs"
+    shutil.copytree(setup["images"], images)
+    image = sorted((images / "cow").glob("*.png"))[0]
+    before = image.read_bytes()
+    for args in [(setup["model"], image, "-o", image),                       # the image named
+                 (setup["model"], images, "-o", image),                      # inside the folder
+                 (setup["model"], image, "-o", setup["model"])]:             # the model
+        run = _cli(*args, "-q")
+        assert run.exit_code == 2 and "would overwrite an input" in run.output, run.output
+    assert image.read_bytes() == before
+    run = _cli(setup["model"], images, "-o", images / "predictions.csv", "--format", "csv", "-q")
+    assert run.exit_code == 0, run.output                    # a new file beside them is fine
+    run = _cli(setup["model"], images, "-o", images / "predictions.csv", "--format", "csv", "-q")
+    assert run.exit_code == 0, run.output                    # and may be replaced next time
+
+
+def test_device_option(setup):
+    cpu = predict(setup["model"], [setup["images"]],
+                  PredictConfig(workers=0, progress=False, device="cpu"))
+    auto = predict(setup["model"], [setup["images"]], PredictConfig(workers=0, progress=False))
+    if torch.cuda.is_available():
+        np.testing.assert_allclose(cpu.logits, auto.logits, rtol=1e-2, atol=1e-2)
+    else:
+        np.testing.assert_array_equal(cpu.logits, auto.logits)
+    run = _cli(setup["model"], setup["images"], "--device", "tpu", "-q")
+    assert run.exit_code == 1 and run.output.count("Error:") == 1 and "device" in run.output
+    if not torch.cuda.is_available():
+        run = _cli(setup["model"], setup["images"], "--device", "cuda", "-q")
+        assert run.exit_code == 1 and "CUDA is not available" in run.output, run.output
