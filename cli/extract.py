@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import BACKBONES, DTYPES, PRECISIONS, ExtractConfig
+from pipeline.config import DTYPES, POOLS, PRECISIONS, ExtractConfig
 
 from .main_helpers import defaults, fail_on_user_error
 
@@ -14,17 +14,24 @@ _D = defaults(ExtractConfig)
 
 
 @click.command("extract")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.argument("source", type=click.Path(path_type=Path), required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="The HDF5 cache to write (CACHE.h5; CACHE.h5.partial while unfinished).")
-@click.option("--backbone", type=click.Choice(BACKBONES), default=_D["backbone"], show_default=True,
-              help="Frozen network.")
+@click.option("--backbone", default=_D["backbone"], show_default=True,
+              help="Frozen network: any torchvision classification model (vgg16, resnet50, "
+                   "convnext_tiny, efficientnet_b0, vit_b_16, ...) or timm:NAME (the timm extra).")
 @click.option("--weights", default=_D["weights"], show_default=True,
-              help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth state_dict, "
-                   "or 'none' for random init.")
+              help="Weights name (DEFAULT, or torchvision's IMAGENET1K_V1, IMAGENET1K_V2, ...), a "
+                   "local .pth state_dict, or 'none' for random init.")
 @click.option("--layer", default=_D["layer"], show_default=True,
-              help="Cut: fc7 (after its ReLU, the tutorial's), fc6, pool5, or a module path "
-                   "such as features.23.")
+              help="Cut: penultimate (the input of the final classification layer; VGG: fc7 "
+                   "after its ReLU, the tutorial's), a node name from --list-layers, or VGG's "
+                   "fc7, fc6, pool5.")
+@click.option("--pool", type=click.Choice(POOLS), default=_D["pool"], show_default=True,
+              help="Spatial outputs: flatten every value, or avg (mean over positions/tokens "
+                   "to one value per channel).")
+@click.option("--list-layers", is_flag=True,
+              help="Print the cut names of --backbone (named cuts, then every graph node) and exit.")
 @click.option("--image-size", type=click.IntRange(min=32), default=None,
               help="Input crop size; default: the weights' own (224).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"], show_default=True,
@@ -42,13 +49,21 @@ _D = defaults(ExtractConfig)
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image had to be skipped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @fail_on_user_error
-def extract_command(source: Path, output: Path, quiet: bool, **options) -> None:
+def extract_command(source: Path | None, output: Path | None, quiet: bool, list_layers: bool,
+                    **options) -> None:
     """Run the frozen backbone over the images in SOURCE and cache the activations in -o.
 
     SOURCE is a folder of class sub-folders (ImageFolder layout), a folder of unlabeled
     images, or a .csv/.tsv list of path[,label]. Re-running the same command resumes an
     interrupted run, or updates the cache for added, changed and removed images.
     """
+    if list_layers:
+        from pipeline.backbone import list_layers as names
+
+        click.echo("\n".join(names(options["backbone"], options["image_size"])))
+        return
+    if source is None or output is None:
+        raise click.UsageError("give SOURCE and -o CACHE.h5 (or --list-layers)")
     from pipeline.extract import extract
 
     config = ExtractConfig(**options, progress=False if quiet else None)

@@ -1,10 +1,19 @@
-"""Build a frozen VGG backbone, load its weights, cut it at a layer, and describe its preprocessing.
+"""Build a frozen backbone, load its weights, cut it at a layer, and describe its preprocessing.
 
     model, info = build_backbone("vgg16", "DEFAULT", layer="fc7")
     feats = model(images)   # images: (N, 3, H, W) float in [0, 1]  ->  (N, D)
 
-The returned module holds the normalisation (mean/std from the weights' own transforms)
-and the truncated network, always in eval mode with frozen parameters. Export reuses it.
+Backbones: every classification model torchvision lists (`torchvision.models.list_models`),
+and timm models as `timm:NAME` (the optional `timm` extra). Cuts: `penultimate` (the input of
+the model's final classification layer: fc7 after its ReLU for VGG, the pooled vector for a
+ResNet, the class token after the final norm for a ViT; `forward_head(pre_logits=True)` for
+timm), any graph node name that `list_layers` gives (cut with torchvision's
+`create_feature_extractor`, or timm's for timm models), and VGG's fc6/fc7/pool5. Spatial
+outputs are flattened, or averaged to (N, C) with `pool="avg"`.
+
+The returned module holds the normalisation (mean/std from the weights' own transforms, or
+timm's data config) and the truncated network, always in eval mode with frozen parameters.
+Export reuses it.
 """
 from __future__ import annotations
 
@@ -22,10 +31,11 @@ from torchvision.transforms import functional as TF
 
 from cache.errors import UserError
 
-from .config import BACKBONES
+from .config import POOLS
 
-
-# Named cuts -> module path after which the network is cut (outputs flattened).
+TIMM = "timm:"
+PENULTIMATE = "penultimate"
+# VGG's named cuts -> graph node (module path) whose output is cached.
 LAYER_ALIASES = {
     "fc7": "classifier.4",   # fc7 after its ReLU: the tutorial's cut, 4096 features
     "fc6": "classifier.1",   # fc6 after its ReLU, 4096 features
@@ -61,11 +71,12 @@ class Preprocessing:
 
 
 class FrozenBackbone(nn.Module):
-    """Normalise a [0, 1] image batch, run the truncated network, flatten: (N,3,H,W) -> (N,D)."""
+    """Normalise a [0, 1] image batch, run the truncated network, flatten or average:
+    (N, 3, H, W) -> (N, D)."""
 
-    def __init__(self, trunk: nn.Module, mean, std):
+    def __init__(self, trunk: nn.Module, mean, std, pool: str = "flatten"):
         super().__init__()
-        self.trunk = trunk
+        self.trunk, self.pool = trunk, pool
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.eval()
@@ -73,79 +84,204 @@ class FrozenBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std   # same arithmetic as torchvision's F.normalize
-        return torch.flatten(self.trunk(x), 1)
+        return pool_output(self.trunk(x), self.pool)
 
     def train(self, mode: bool = True):
         # Frozen means frozen: Dropout/BatchNorm stay in eval mode whatever the caller asks.
         return super().train(False)
 
 
-def resolve_layer(layer: str) -> str:
-    """Named cut ('fc7', 'fc6', 'pool5') or module path -> module path."""
-    return LAYER_ALIASES.get(layer, layer)
+def pool_output(y: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, ...) -> (N, D). flatten: every value; avg: the mean over the spatial positions of a
+    (N, C, H, W) map, or over the tokens of a (N, L, C) sequence."""
+    if pool == "avg" and y.dim() == 4:
+        y = y.mean(dim=(2, 3))                                              # (N, C)
+    elif pool == "avg" and y.dim() == 3:
+        y = y.mean(dim=1)                                                   # (N, C)
+    return torch.flatten(y, 1)
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """Module paths in execution order at which a VGG can be cut."""
-    names = [f"features.{i}" for i in range(len(model.features))]
-    return names + ["avgpool"] + [f"classifier.{i}" for i in range(len(model.classifier))]
+class _Node(nn.Module):
+    """The output of one graph node of a feature extractor (which returns {node: tensor})."""
+
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)["out"]
 
 
-def cut(model: nn.Module, layer: str) -> nn.Sequential:
-    """The part of a torchvision VGG up to and including module path `layer`."""
-    path = resolve_layer(layer)
-    names = layer_names(model)
-    if path not in names:
-        raise UserError(f"unknown layer {layer!r}: use fc7, fc6, pool5 or a module path such as "
-                         f"features.23, avgpool, classifier.0 (valid: {names[0]} .. {names[-1]})")
-    stop = names.index(path)
-    n_feat = len(model.features)
-    parts: list[nn.Module] = [model.features[: min(stop + 1, n_feat)]]
-    if stop >= n_feat:
-        parts.append(model.avgpool)
-    if stop > n_feat:
-        parts += [nn.Flatten(1), model.classifier[: stop - n_feat]]
-    return nn.Sequential(*parts)
+class _PreLogits(nn.Module):
+    """A timm model up to its classifier: forward_head(forward_features(x), pre_logits=True)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-def default_preprocessing(backbone: str, image_size: int | None = None) -> Preprocessing:
-    """The preprocessing of the backbone's DEFAULT weights, optionally at another input size.
+# --------------------------------------------------------------------------------- the cut
 
-    Read from torchvision's weights metadata (no download). `image_size` keeps the
-    weights' resize/crop ratio (256/224 for ImageNet VGGs).
-    """
-    t = _weights_enum(backbone).DEFAULT.transforms()
-    resize, crop = int(t.resize_size[0]), int(t.crop_size[0])
-    if image_size is not None:
-        if image_size < 32:
-            raise UserError(f"--image-size {image_size} is too small for VGG (5 poolings): use 32 or more")
-        resize, crop = round(image_size * resize / crop), image_size
-    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std),
-                         interpolation=t.interpolation.value, antialias=bool(t.antialias))
+def is_timm(backbone: str) -> bool:
+    return backbone.startswith(TIMM)
 
 
-def load_weights(backbone: str, weights: str | Path) -> tuple[dict, str]:
+def _node_names(model: nn.Module, backbone: str) -> list[str]:
+    """Graph node names of the eval-mode forward pass, in execution order."""
+    if is_timm(backbone):
+        from timm.models import get_graph_node_names
+    else:
+        from torchvision.models.feature_extraction import get_graph_node_names
+    try:
+        return get_graph_node_names(model)[1]
+    except Exception as e:   # models whose forward cannot be traced symbolically
+        raise UserError(f"{backbone} cannot be cut at inner nodes ({str(e).splitlines()[0]}): "
+                        f"use --layer {PENULTIMATE}") from None
+
+
+def _penultimate_node(model: nn.Module, backbone: str) -> str:
+    """The node feeding the model's final Linear layer, skipping Dropout (identity in eval)."""
+    names = _node_names(model, backbone)
+    modules = dict(model.named_modules())
+    if not isinstance(modules.get(names[-1]), nn.Linear):
+        raise UserError(f"{backbone} does not end in a Linear classification layer, so it has no "
+                        f"'{PENULTIMATE}' cut: pass --layer with a node name "
+                        f"(`pipeline extract --list-layers --backbone {backbone}`)")
+    i = len(names) - 2
+    while i > 0 and isinstance(modules.get(names[i]), nn.Dropout):
+        i -= 1
+    return names[i]
+
+
+def resolve_layer(layer: str, model: nn.Module | None = None, backbone: str = "vgg16") -> str:
+    """Named cut -> graph node name: VGG's fc7/fc6/pool5, or `penultimate` (needs `model`)."""
+    if layer == PENULTIMATE:
+        if model is None:
+            raise ValueError("resolving 'penultimate' needs the model")
+        return PENULTIMATE if is_timm(backbone) else _penultimate_node(model, backbone)
+    return LAYER_ALIASES.get(layer, layer) if backbone.startswith("vgg") else layer
+
+
+def cut(model: nn.Module, layer: str, backbone: str = "vgg16") -> nn.Module:
+    """The part of `model` whose output is graph node `layer` (or a named cut): a module
+    mapping a normalised batch to that node's output."""
+    node = resolve_layer(layer, model, backbone)
+    if node == PENULTIMATE:                                   # timm's own contract
+        return _PreLogits(model)
+    names = _node_names(model, backbone)
+    # A module that holds several nodes ("layer3") stands for its last node, as in the library.
+    if node not in names and not any(n.startswith(node + ".") for n in names):
+        aliases = f"{PENULTIMATE}, fc7, fc6, pool5" if backbone.startswith("vgg") else PENULTIMATE
+        raise UserError(f"unknown layer {layer!r} of {backbone}: use {aliases} or a node name "
+                        f"such as {names[len(names) // 2]} (all: `pipeline extract --list-layers "
+                        f"--backbone {backbone}`)")
+    if is_timm(backbone):
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    return _Node(create_feature_extractor(model, {node: "out"}))
+
+
+def list_layers(backbone: str = "vgg16", image_size: int | None = None) -> list[str]:
+    """The cut names of a backbone: its named cuts, then every graph node in execution order.
+    Builds the model with random weights (no download)."""
+    model, _, _ = _model(backbone, "none", image_size)
+    named = [PENULTIMATE] + (list(LAYER_ALIASES) if backbone.startswith("vgg") else [])
+    return named + _node_names(model, backbone)
+
+
+# ------------------------------------------------------------------------- models and weights
+
+def check_backbone(backbone: str) -> None:
+    """Refuse unknown names with the fix: a torchvision classification model or timm:NAME."""
+    if is_timm(backbone):
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"--backbone {backbone} needs timm: pip install "
+                            "'frozen-feature-pipeline[timm]'") from None
+        name = backbone[len(TIMM):]
+        if not timm.is_model(name.split(".")[0]):
+            raise UserError(f"timm has no model {name!r}: see timm.list_models() for the names")
+        return
+    known = torchvision.models.list_models(module=torchvision.models)
+    if backbone not in known:
+        close = [n for n in known if n.split("_")[0] == backbone.split("_")[0]][:8] or known[:8]
+        raise UserError(f"unknown backbone {backbone!r}: use a torchvision classification model "
+                        f"({', '.join(close)}, ...: torchvision.models.list_models()) or "
+                        "timm:NAME")
+
+
+def _builder_kwargs(backbone: str, image_size: int | None) -> dict:
+    """Constructor arguments that depend on the input size: ViTs size their position
+    embeddings for one image size (torchvision: image_size, timm: img_size)."""
+    if image_size is None:
+        return {}
+    if is_timm(backbone):
+        import timm
+        cfg = timm.get_pretrained_cfg(backbone[len(TIMM):])
+        return {"img_size": image_size} if cfg is None or cfg.fixed_input_size else {}
+    return {"image_size": image_size} if backbone.startswith("vit_") else {}
+
+
+def _construct(backbone: str, image_size: int | None, pretrained: bool = False) -> nn.Module:
+    kwargs = _builder_kwargs(backbone, image_size)
+    if is_timm(backbone):
+        import timm
+        return timm.create_model(backbone[len(TIMM):], pretrained=pretrained, **kwargs)
+    return torchvision.models.get_model(backbone, weights=None, **kwargs)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_init(backbone: str, image_size: int | None) -> tuple[dict, str]:
+    """Random-init state_dict under seed 0 and its SHA-256, made once per process: the same
+    network in every run, so a cache made with `--weights none` can be resumed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state_dict = _construct(backbone, image_size).state_dict()
+    return state_dict, state_dict_sha256(state_dict)
+
+
+def load_weights(backbone: str, weights: str | Path, image_size: int | None = None
+                 ) -> tuple[dict, str]:
     """(state_dict, weights name to record).
 
-    `weights`: a torchvision weights name ('DEFAULT', 'IMAGENET1K_V1'; downloaded into
-    $TORCH_HOME once), a local .pth state_dict (loaded with weights_only=True), or 'none':
-    random init under seed 0, the same network in every run (so a cache can be resumed).
+    `weights`: a torchvision weights name ('DEFAULT', 'IMAGENET1K_V2'; downloaded into
+    $TORCH_HOME once) or, for timm models, 'DEFAULT' (timm's pretrained weights for that name,
+    from where timm gets them); a local .pth state_dict (loaded with weights_only=True); or
+    'none': random init under seed 0.
     """
     text = str(weights)
     if text.lower() == "none":
-        return _random_init(backbone)[0], "none"
-    enum = _weights_enum(backbone)
-    if text in enum.__members__ or text == "DEFAULT":
-        w = enum[text] if text != "DEFAULT" else enum.DEFAULT
+        return _random_init(backbone, image_size)[0], "none"
+    if is_timm(backbone) and text == "DEFAULT":
         try:
-            return w.get_state_dict(progress=False, check_hash=True), f"{backbone}:{w.name}"
-        except Exception as e:  # offline, proxy, disk full: say what to do instead
-            raise UserError(f"could not get {backbone} weights {w.name} ({e}): connect to the "
-                             "internet once, or pass a local .pth file with --weights") from None
-    path = Path(text)
+            model = _construct(backbone, image_size, pretrained=True)
+        except Exception as e:   # offline, gated, no weights for this name
+            raise UserError(f"could not get timm weights for {backbone} ({str(e).splitlines()[0]}"
+                            "): connect once, or pass a local .pth file with --weights") from None
+        return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
+    if not is_timm(backbone):
+        enum = torchvision.models.get_model_weights(backbone)
+        if text in enum.__members__ or text == "DEFAULT":
+            w = enum[text] if text != "DEFAULT" else enum.DEFAULT
+            try:
+                return w.get_state_dict(progress=False, check_hash=True), f"{backbone}:{w.name}"
+            except Exception as e:  # offline, proxy, disk full: say what to do instead
+                raise UserError(f"could not get {backbone} weights {w.name} ({e}): connect to "
+                                "the internet once, or pass a local .pth file with --weights") from None
+    return _load_file(backbone, Path(text)), f"file:{Path(text).name}"
+
+
+def _load_file(backbone: str, path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"--weights {text!r} is neither a weights name of {backbone} "
-                         f"({', '.join(['DEFAULT', *enum.__members__])}), an existing .pth file, nor 'none'")
+        names = "DEFAULT" if is_timm(backbone) else ", ".join(
+            ["DEFAULT", *torchvision.models.get_model_weights(backbone).__members__])
+        raise UserError(f"--weights {str(path)!r} is neither a weights name of {backbone} "
+                        f"({names}), an existing .pth file, nor 'none'")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -154,37 +290,105 @@ def load_weights(backbone: str, weights: str | Path) -> tuple[dict, str]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
-    return sd, f"file:{path.name}"
+    return sd
 
 
-def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT", layer: str = "fc7",
-                   image_size: int | None = None) -> tuple[FrozenBackbone, dict]:
+def default_preprocessing(backbone: str, image_size: int | None = None,
+                          weights: str = "DEFAULT") -> Preprocessing:
+    """The preprocessing of the backbone's weights (torchvision: the named weights' own
+    transforms, DEFAULT's for a file or random init; timm: its data config for the model),
+    optionally at another input size, keeping the resize/crop ratio (256/224 for ImageNet)."""
+    if is_timm(backbone):
+        resize, crop, mean, std, interp = _timm_preprocessing(backbone)
+        antialias = True
+    else:
+        enum = torchvision.models.get_model_weights(backbone)
+        w = enum[weights] if weights in enum.__members__ else enum.DEFAULT
+        t = w.transforms()
+        resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
+        interp, antialias = t.interpolation.value, bool(t.antialias)
+    if image_size is not None:
+        if image_size < 32:
+            raise UserError(f"--image-size {image_size} is too small: use 32 or more")
+        resize, crop = round(image_size * resize / crop), image_size
+    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(mean), std=tuple(std),
+                         interpolation=interp, antialias=antialias)
+
+
+def _timm_preprocessing(backbone: str):
+    import timm
+    from timm.data import resolve_data_config
+    cfg = timm.get_pretrained_cfg(backbone[len(TIMM):])
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    crop = int(data["input_size"][-1])
+    resize = int(crop / data.get("crop_pct", 0.875))   # timm's own rounding (floor)
+    interp = data.get("interpolation", "bilinear")
+    return resize, crop, data["mean"], data["std"], interp if interp in ("bilinear", "bicubic",
+                                                                          "nearest") else "bilinear"
+
+
+def _model(backbone: str, weights: str | Path, image_size: int | None
+           ) -> tuple[nn.Module, str, str]:
+    """(eval-mode model with the weights loaded, weights name, state_dict SHA-256)."""
+    check_backbone(backbone)
+    state_dict, name = load_weights(backbone, weights, image_size)
+    with torch.device("meta"):   # no random init of many parameters only to overwrite them
+        model = _construct(backbone, image_size)
+    try:
+        model.load_state_dict(state_dict, assign=True)
+        if any(t.is_meta for t in model.buffers()):   # non-persistent buffers are not in a
+            model = _construct(backbone, image_size)  # state_dict: build them for real
+            model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"weights {name} do not fit {backbone}"
+                        f"{'' if image_size is None else f' at --image-size {image_size}'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    sha = _random_init(backbone, image_size)[1] if name == "none" else state_dict_sha256(
+        model.state_dict())
+    return model.eval().requires_grad_(False), name, sha
+
+
+def builder_kwargs(backbone: str, image_size: int | None) -> dict:
+    """What `torchvision.models.get_model(backbone, ...)` (or timm's create_model) needs besides
+    num_classes to rebuild this backbone at this input size."""
+    return _builder_kwargs(backbone, image_size)
+
+
+def final_layer(backbone: str, image_size: int | None = None) -> str:
+    """Module name of the model's final Linear classification layer (what a head replaces)."""
+    with torch.device("meta"):   # tracing needs no weights
+        model = _construct(backbone, image_size)
+    names = _node_names(model, backbone)
+    if not isinstance(dict(model.named_modules()).get(names[-1]), nn.Linear):
+        raise UserError(f"{backbone} does not end in a Linear classification layer")
+    return names[-1]
+
+
+def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
+                   layer: str = PENULTIMATE, image_size: int | None = None,
+                   pool: str = "flatten") -> tuple[FrozenBackbone, dict]:
     """Frozen, truncated backbone and a JSON-able description of it.
 
     The description holds: backbone, weights (name), weights_sha256 (of the full
-    state_dict used), layer (module path), layer_alias, feature_dim, preprocessing.
+    state_dict used), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
     """
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-    state_dict, weights_name = load_weights(backbone, weights)
-    with torch.device("meta"):   # no random init of 138M parameters only to overwrite them
-        model = getattr(torchvision.models, backbone)(weights=None)
-    try:
-        model.load_state_dict(state_dict, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"weights {weights_name} do not fit {backbone}: "
-                         f"{str(e).splitlines()[0]}") from None
-    pre = default_preprocessing(backbone, image_size)
-    frozen = FrozenBackbone(cut(model, layer), pre.mean, pre.std)
+    if pool not in POOLS:
+        raise UserError(f"unknown pool {pool!r}: use {' or '.join(POOLS)}")
+    check_backbone(backbone)
+    model, weights_name, sha = _model(backbone, weights, image_size)
+    named = weights if not is_timm(backbone) else "DEFAULT"
+    pre = default_preprocessing(backbone, image_size, str(named))
+    node = resolve_layer(layer, model, backbone)
+    frozen = FrozenBackbone(cut(model, node, backbone), pre.mean, pre.std, pool)
     with torch.inference_mode():
-        dim = frozen(torch.zeros(1, 3, pre.crop_size, pre.crop_size)).shape[1]
+        dim = frozen(torch.zeros(2, 3, pre.crop_size, pre.crop_size)).shape[1]
     info = {
         "backbone": backbone,
         "weights": weights_name,
-        "weights_sha256": (_random_init(backbone)[1] if weights_name == "none"
-                           else state_dict_sha256(model.state_dict())),
-        "layer": resolve_layer(layer),
-        "layer_alias": layer if layer in LAYER_ALIASES else None,
+        "weights_sha256": sha,
+        "layer": node,
+        "layer_alias": layer if layer != node else None,
+        "pool": None if pool == "flatten" else pool,   # None keeps older caches' manifests equal
         "feature_dim": int(dim),
         "preprocessing": pre.to_dict(),
     }
@@ -201,24 +405,11 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=2)
-def _random_init(backbone: str) -> tuple[dict, str]:
-    """Random-init state_dict under seed 0 and its SHA-256, made once per process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        state_dict = getattr(torchvision.models, backbone)(weights=None).state_dict()
-    return state_dict, state_dict_sha256(state_dict)
-
-
-def _weights_enum(backbone: str):
-    return torchvision.models.get_model_weights(backbone)
-
-
 def to_float_batch(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> float32 in [0, 1], as torchvision's convert_image_dtype."""
     return images.to(torch.float32).div(255)
 
 
-__all__ = ["BACKBONES", "LAYER_ALIASES", "Preprocessing", "FrozenBackbone", "build_backbone",
-           "cut", "default_preprocessing", "load_weights", "resolve_layer", "state_dict_sha256",
-           "to_float_batch"]
+__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "FrozenBackbone", "build_backbone",
+           "builder_kwargs", "final_layer", "check_backbone", "cut", "default_preprocessing", "list_layers",
+           "load_weights", "pool_output", "resolve_layer", "state_dict_sha256", "to_float_batch"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Allowed values: the stages check against these and the CLI offers them as choices.
-BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+# Backbones are open-ended (every torchvision classification model, and timm:NAME): the
+# extract stage checks a name against torchvision's and timm's own lists.
+POOLS = ("flatten", "avg")                              # how a spatial cut becomes a vector
 DTYPES = ("float16", "float32")                         # storage dtype of cached features
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
 HEADS = ("linear", "mlp", "logreg")
@@ -22,9 +24,12 @@ FORMATS = ("pt2", "onnx", "torchvision")                # exported model formats
 @dataclass(frozen=True)
 class ExtractConfig:
     """What to extract and how. Every field that changes the features lands in the manifest."""
-    backbone: str = "vgg16"          # vgg11/13/16/19, optionally _bn
-    weights: str = "DEFAULT"         # torchvision weights name, local .pth state_dict, or "none"
-    layer: str = "fc7"               # fc7 (after ReLU), fc6, pool5, or a module path
+    backbone: str = "vgg16"          # a torchvision classification model, or timm:NAME
+    weights: str = "DEFAULT"         # weights name (DEFAULT, IMAGENET1K_V2, ...), a local .pth
+                                     # state_dict, or "none" (random init)
+    layer: str = "penultimate"       # penultimate (input of the final classifier layer; VGG: fc7),
+                                     # a graph node name, or VGG's fc7, fc6, pool5
+    pool: str = "flatten"            # spatial outputs: flatten, or avg (mean over positions)
     image_size: int | None = None    # crop size; None: the weights' own (224)
     batch_size: int = 32             # images per forward pass and per committed batch
     workers: int = -1                # decoding processes; -1: auto (CPU: cores//2, GPU: up to 8)

@@ -43,7 +43,8 @@ from cache.errors import UserError
 from cache.store import CacheReader
 
 from ._version import __version__
-from .backbone import FrozenBackbone, Preprocessing, build_backbone, to_float_batch
+from .backbone import (FrozenBackbone, Preprocessing, build_backbone, builder_kwargs, final_layer,
+                       is_timm, to_float_batch)
 from .config import FORMATS, ExportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
@@ -51,7 +52,6 @@ from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-FC7 = ("classifier.4", "classifier.5")   # fc7 after its ReLU; .5 is Dropout, identity in eval
 # Relative error of a cached feature against a fresh float32 forward pass of the same network:
 # the storage dtype's rounding plus the error of the precision it was computed in (autocast).
 # float32 keeps room for two implementations of the same convolutions (eager, exported, ONNX RT).
@@ -212,10 +212,11 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
     if fmt != "torchvision":
         return
     cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
-    if meta["cache"]["layer"] not in FC7 or meta["kind"] not in ("linear", "logreg"):
-        raise UserError(f"--format torchvision is the tutorial's VGG with a new last layer: it "
-                         f"needs the fc7 cut and a linear (or logreg) head, this is a "
-                         f"{meta['kind']} head on {cut}: use --format pt2 or onnx")
+    if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in ("linear", "logreg"):
+        raise UserError(f"--format torchvision is a torchvision model with its last layer "
+                        f"replaced: it needs a torchvision backbone cut at penultimate (VGG: fc7) "
+                        f"and a linear (or logreg) head, this is a {meta['kind']} head on "
+                        f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
 
 
 def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
@@ -235,8 +236,9 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
     return reader
 
 
-def _weights_arg(recorded: str, given: str | None) -> str:
-    """The --weights value that rebuilds the recorded weights ('vgg16:IMAGENET1K_V1' -> name)."""
+def _weights_arg(backbone: str, recorded: str, given: str | None) -> str:
+    """The --weights value that rebuilds the recorded weights ('vgg16:IMAGENET1K_V1' ->
+    'IMAGENET1K_V1'; a timm model's pretrained weights -> 'DEFAULT')."""
     if given:
         return given
     if recorded == "none":
@@ -244,18 +246,21 @@ def _weights_arg(recorded: str, given: str | None) -> str:
     if recorded.startswith("file:"):
         raise UserError(f"the cache was extracted with the local weights file {recorded[5:]}: "
                          "pass it again with --weights PATH")
-    return recorded.split(":", 1)[1] if ":" in recorded else recorded
+    if recorded.startswith(backbone + ":"):
+        return "DEFAULT" if is_timm(backbone) else recorded[len(backbone) + 1:]
+    return recorded
 
 
 def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, dict]:
     """The frozen backbone of the head's cache, proven to be the same by its weights' SHA-256."""
     m = meta["cache"]
-    arg = _weights_arg(m["weights"], weights)
+    arg = _weights_arg(m["backbone"], m["weights"], weights)
     if arg.lower() == "none":
         log.warning("the cache was made with RANDOM-INIT %s weights (none): so is the model",
                     m["backbone"], extra={"random_init": True})
     backbone, info = build_backbone(m["backbone"], arg, m["layer"],
-                                    image_size=m["preprocessing"]["crop_size"])
+                                    image_size=m["preprocessing"]["crop_size"],
+                                    pool=m.get("pool") or "flatten")
     if info["weights_sha256"] != m["weights_sha256"]:
         raise UserError(f"weights {info['weights']} (state_dict sha256 "
                          f"{info['weights_sha256'][:12]}) are not the weights the cache was "
@@ -293,10 +298,13 @@ def _model_meta(fmt: str, meta: dict, info: dict) -> dict:
                      "torchvision": torchvision.__version__},
     }
     if fmt == "torchvision":
-        out["torchvision"] = {"model": info["backbone"], "num_classes": c,
-                              "usage": f"m = torchvision.models.{info['backbone']}"
-                                       f"(num_classes={c}); m.load_state_dict(torch.load(FILE, "
-                                       "weights_only=True)); m.eval(); "
+        kwargs = builder_kwargs(info["backbone"], s)
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        out["torchvision"] = {"model": info["backbone"], "num_classes": c, "kwargs": kwargs,
+                              "final_layer": final_layer(info["backbone"], s),
+                              "usage": f"m = torchvision.models.get_model({info['backbone']!r}, "
+                                       f"num_classes={c}{args}); m.load_state_dict(torch.load("
+                                       "FILE, weights_only=True)); m.eval(); "
                                        "logits = m(normalize(x, mean, std))"}
     return out
 
@@ -326,15 +334,25 @@ def _write_onnx(model: _Stitched, meta: dict, path: Path) -> list[Path]:
 
 
 def _write_torchvision(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    """The state_dict of torchvision's VGG with classifier.6 = the head (strictly checked)."""
-    trunk = model.backbone.trunk   # Sequential(features, avgpool, Flatten, classifier[:5])
-    state = {f"features.{k}": v for k, v in trunk[0].state_dict().items()}
-    state |= {f"classifier.{k}": v for k, v in trunk[3].state_dict().items()}
-    state |= {f"classifier.6.{k}": v for k, v in model.head.state_dict().items()}
+    """The state_dict of the torchvision model with its final Linear = the head. The cut's
+    feature extractor keeps the model's own parameter names, so the backbone's tensors are
+    the model's up to its last layer; a strict load into get_model(num_classes=C) proves that
+    nothing is missing (which is the case unless the cut is the penultimate one)."""
+    tv = meta["torchvision"]
+    prefix = "trunk.extractor."
+    state = {k[len(prefix):]: v for k, v in model.backbone.state_dict().items()
+             if k.startswith(prefix)}
+    state |= {f"{tv['final_layer']}.{k}": v for k, v in model.head.state_dict().items()}
     with torch.device("meta"):
-        vgg = getattr(torchvision.models, meta["backbone"]["backbone"])(
-            num_classes=meta["torchvision"]["num_classes"])
-    vgg.load_state_dict(state, strict=True, assign=True)   # raises if a key is missing or extra
+        full = torchvision.models.get_model(tv["model"], num_classes=tv["num_classes"],
+                                            **tv["kwargs"])
+    try:
+        full.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        cut = meta["backbone"]["layer_alias"] or meta["backbone"]["layer"]
+        raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
+                        f"head is on {cut}: {str(e).splitlines()[0][:160]}): use --format pt2 or "
+                        "onnx, or extract with --layer penultimate") from None
     torch.save({k: v.detach().contiguous() for k, v in state.items()}, path)
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({**meta, "weights_file": path.name}, indent=2))

@@ -143,7 +143,8 @@ def _load_onnx(path: Path) -> LoadedModel:
 def _load_torchvision(path: Path, meta: dict, device: torch.device) -> LoadedModel:
     tv = meta["torchvision"]
     with torch.device("meta"):   # no random init only to overwrite it
-        vgg = getattr(torchvision.models, tv["model"])(num_classes=int(tv["num_classes"]))
+        vgg = torchvision.models.get_model(tv["model"], num_classes=int(tv["num_classes"]),
+                                           **tv.get("kwargs", {}))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         vgg.load_state_dict(state, assign=True)
