@@ -20,6 +20,7 @@ FEATURE_KEYS = (
     "weights",        # torchvision weights name, "file:<name>", or "none"
     "weights_sha256", # SHA-256 of the backbone state_dict actually used
     "layer",          # cut point as a module path, e.g. "classifier.4" (fc7 after ReLU)
+    "pool",           # None (flattened) or "avg" (mean over spatial positions or tokens)
     "feature_dim",    # D
     "preprocessing",  # resize, crop, interpolation, mean, std
     "precision",      # compute precision of the forward pass: "float32", "bfloat16", "float16"

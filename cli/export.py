@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import FORMATS, ExportConfig, PredictConfig
+from pipeline.config import FORMATS, INPUTS, ExportConfig, PredictConfig
 
 from .main_helpers import defaults, fail_on_user_error
 
@@ -26,6 +26,11 @@ _P = defaults(PredictConfig)
               help="pt2: torch.export archive (unpickles code when loaded: treat it as code); "
                    "onnx: ONNX with a dynamic batch (needs the onnx extra); torchvision: a "
                    "state_dict for torchvision's VGG(num_classes=C) (fc7 cut, linear head).")
+@click.option("--input", "input", type=click.Choice(INPUTS), default=_E["input"],
+              show_default=True,
+              help="tensor: the model takes (N, 3, S, S) float in [0, 1], preprocessed; image: "
+                   "(N, 3, H, W) uint8 decoded RGB pixels of any size, resized, cropped and "
+                   "normalised inside the model (pt2, onnx).")
 @click.option("--weights", default=_E["weights"],
               help="Backbone weights to rebuild; default: those the cache manifest names (a local "
                    ".pth must be passed again). Their SHA-256 must equal the manifest's.")
@@ -50,8 +55,8 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
     backbone that made the head's features is rebuilt, the head attached, and the model
     written to -o.
 
-    The model takes a float RGB batch in [0, 1] at the cache's crop size (any batch size) and
-    returns logits; class names and preprocessing travel with it. Before the file is written
+    The model takes a float RGB batch in [0, 1] at the cache's crop size (any batch size), or
+    with --input image decoded uint8 pixels of any size, and returns logits; class names and preprocessing travel with it. Before the file is written
     under its name, the model is run on images the cache holds and must reproduce the head's
     logits on the cached features (the largest difference is reported).
     """

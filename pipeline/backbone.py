@@ -70,6 +70,41 @@ class Preprocessing:
         return TF.pil_to_tensor(img)
 
 
+class ImageInput(nn.Module):
+    """`Preprocessing` as tensor operations, for models that take decoded pixels:
+    (N, 3, H, W) uint8 of any H and W -> (N, 3, S, S) float in [0, 1].
+
+    The shorter side is resized to resize_size (the longer to floor(resize * long / short)),
+    antialiased, rounded back to whole gray levels as Pillow's 8-bit resize is, then centre
+    cropped with Python's round-half-to-even offset, as torchvision's center_crop computes it.
+    Only integer arithmetic on the input's sides, so torch.export keeps H and W dynamic.
+    Measured against Pillow: at most one gray level apart.
+    """
+
+    def __init__(self, pre: Preprocessing):
+        super().__init__()
+        self.resize, self.crop = pre.resize_size, pre.crop_size
+        self.mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic") else "bilinear"
+        self.antialias = pre.antialias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        short = torch.sym_min(h, w)
+        nh, nw = self.resize * h // short, self.resize * w // short
+        y = nn.functional.interpolate(x.float(), size=(nh, nw), mode=self.mode,
+                                      antialias=self.antialias, align_corners=False)
+        y = y.round().clamp(0, 255)                                     # (N, 3, nh, nw)
+        top, left = _centre_offset(nh - self.crop), _centre_offset(nw - self.crop)
+        return y[..., top:top + self.crop, left:left + self.crop] / 255  # (N, 3, S, S)
+
+
+def _centre_offset(d):
+    """int(round(d / 2)) with round-half-to-even, in integers: k, or k + 1 when d = 2k + 1
+    and k is odd."""
+    k = d // 2
+    return k + (d % 2) * (k % 2)
+
+
 class FrozenBackbone(nn.Module):
     """Normalise a [0, 1] image batch, run the truncated network, flatten or average:
     (N, 3, H, W) -> (N, D)."""
@@ -410,6 +445,6 @@ def to_float_batch(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div(255)
 
 
-__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "FrozenBackbone", "build_backbone",
+__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "ImageInput", "FrozenBackbone", "build_backbone",
            "builder_kwargs", "final_layer", "check_backbone", "cut", "default_preprocessing", "list_layers",
            "load_weights", "pool_output", "resolve_layer", "state_dict_sha256", "to_float_batch"]

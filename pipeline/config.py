@@ -19,6 +19,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 CLASS_WEIGHTS = ("none", "balanced")
 FORMATS = ("pt2", "onnx", "torchvision")                # exported model formats
+INPUTS = ("tensor", "image")                            # what an exported model takes
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     """How to stitch a trained head onto its frozen backbone and write one model file."""
-    format: str = "pt2"              # pt2 (torch.export), onnx, torchvision (fc7 cut + linear head)
+    format: str = "pt2"              # pt2 (torch.export), onnx, torchvision (penultimate cut +
+                                     # linear head: the torchvision model, last layer replaced)
+    input: str = "tensor"            # tensor: (N, 3, S, S) float in [0, 1], preprocessed;
+                                     # image: (N, 3, H, W) uint8 decoded pixels of any size
     weights: str | None = None       # backbone weights; None: the ones the cache manifest names
     cache: str | None = None         # cache for the parity check; None: the head's training cache
     images_root: str | None = None   # where the cached image paths now live; None: manifest's source_root

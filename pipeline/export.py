@@ -37,15 +37,16 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torchvision.transforms import functional as TF
 
 from cache import manifest as mf
 from cache.errors import UserError
 from cache.store import CacheReader
 
 from ._version import __version__
-from .backbone import (FrozenBackbone, Preprocessing, build_backbone, builder_kwargs, final_layer,
-                       is_timm, to_float_batch)
-from .config import FORMATS, ExportConfig
+from .backbone import (FrozenBackbone, ImageInput, Preprocessing, build_backbone, builder_kwargs,
+                       final_layer, is_timm, to_float_batch)
+from .config import FORMATS, INPUTS, ExportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
 from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
@@ -61,6 +62,11 @@ _SIGMAS = 6.0        # tolerance = this many standard deviations of the propagat
 _ATOL = 1e-5         # plus an absolute floor for float32 caches of tiny logits
 _GELU_SLOPE = 1.13   # steepest slope of GELU (1.129): how much it can amplify an input error
 _PARITY_TRIES = 200  # cached rows tried at most when looking for reachable, unchanged images
+# Image-input models resize with tensor operations, which land up to one gray level from
+# Pillow's resize: allowed logit error, as a fraction of the largest logit. Measured by
+# bench/image_input.py: at most 3.8 % (random-init VGG16 and ResNet18, digits and random-size
+# images at 32 px); 0.1 leaves a margin of 2.6x.
+_RESIZE_REL = 0.1
 
 
 @dataclass
@@ -80,8 +86,10 @@ class ExportSummary:
         b = self.meta["backbone"]
         text = (f"{self.path}: {self.format}, {self.size_bytes / 2**20:.1f} MiB, {b['backbone']} "
                 f"{b['layer_alias'] or b['layer']} + {self.meta['head']['kind']} head, "
-                f"{len(self.class_names)} classes, input (N, 3, {self.input_size}, "
-                f"{self.input_size}) float in [0, 1]")
+                f"{len(self.class_names)} classes, input " + (
+                    f"(N, 3, {self.input_size}, {self.input_size}) float in [0, 1]"
+                    if self.meta["input"]["kind"] == "tensor" else
+                    "(N, 3, H, W) uint8 pixels of any size"))
         if self.parity is None:
             return text + "; parity check SKIPPED"
         p = self.parity
@@ -105,11 +113,12 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
     reader = _open_cache(config, meta) if config.parity_check else None
     try:
         # The images first: a cheap refusal before the expensive rebuild and write.
+        pre = Preprocessing.from_dict(meta["cache"]["preprocessing"])
         probe = (None if reader is None else _parity_images(
-            reader, Preprocessing.from_dict(meta["cache"]["preprocessing"]), config))
+            reader, TF.pil_to_tensor if config.input == "image" else pre, config))
         backbone, info = _rebuild_backbone(meta, config.weights)
-        model_meta = _model_meta(config.format, meta, info)
-        model = _Stitched(backbone, head)
+        model_meta = _model_meta(config, meta, info)
+        model = _Stitched(backbone, head, ImageInput(pre) if config.input == "image" else None)
         tmp_dir = output.parent / f".{output.name}.exporting"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir()
@@ -133,14 +142,19 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
 
 
 class _Stitched(nn.Module):
-    """(N, 3, S, S) float in [0, 1] -> (N, C) logits: normalise, frozen trunk, flatten, head."""
+    """(N, 3, S, S) float in [0, 1] -> (N, C) logits: normalise, frozen trunk, flatten, head.
+    With `image_input`, it takes (N, 3, H, W) uint8 pixels and resizes and crops them first."""
 
-    def __init__(self, backbone: FrozenBackbone, head: nn.Module):
+    def __init__(self, backbone: FrozenBackbone, head: nn.Module,
+                 image_input: ImageInput | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head.requires_grad_(False)
+        self.image_input = image_input
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.image_input is not None:
+            x = self.image_input(x)                                   # (N, 3, S, S) in [0, 1]
         return self.head(self.backbone(x))
 
 
@@ -163,6 +177,11 @@ def _check_request(config: ExportConfig, output: Path) -> None:
         raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}: choose another -o")
+    if config.input not in INPUTS:
+        raise UserError(f"unknown input {config.input!r}: use {' or '.join(INPUTS)}")
+    if config.input == "image" and config.format == "torchvision":
+        raise UserError("--input image needs --format pt2 or onnx: the torchvision format is a "
+                        "plain state_dict of the torchvision model, which takes normalised tensors")
     if config.parity_check and config.parity_images < 1:
         raise UserError(f"parity images must be at least 1, got {config.parity_images} "
                          "(use --no-parity-check to skip the check)")
@@ -276,17 +295,21 @@ def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, 
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def _model_meta(fmt: str, meta: dict, info: dict) -> dict:
+def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
     """Everything a user of the model file needs, as plain JSON."""
-    c = int(meta["n_classes"])
+    fmt, c = config.format, int(meta["n_classes"])
     names = list(meta.get("class_names") or []) or [str(i) for i in range(c)]
     s = info["preprocessing"]["crop_size"]
     out = {
         "format": MODEL_FORMAT,
         "model_format": fmt,
         "class_names": names,
-        "input": {"shape": ["N", 3, s, s], "dtype": "float32", "range": [0.0, 1.0],
-                  "channels": "RGB", "normalized_inside": fmt != "torchvision"},
+        "input": ({"kind": "tensor", "shape": ["N", 3, s, s], "dtype": "float32",
+                   "range": [0.0, 1.0], "channels": "RGB", "normalized_inside": fmt != "torchvision"}
+                  if config.input == "tensor" else
+                  {"kind": "image", "shape": ["N", 3, "H", "W"], "dtype": "uint8",
+                   "range": [0, 255], "channels": "RGB", "resized_inside": True,
+                   "normalized_inside": True}),
         "output": "logits (N, C); softmax over C gives class probabilities",
         "preprocessing": info["preprocessing"],
         "backbone": {k: info[k] for k in ("backbone", "weights", "weights_sha256", "layer",
@@ -309,24 +332,30 @@ def _model_meta(fmt: str, meta: dict, info: dict) -> dict:
     return out
 
 
-def _example(model: _Stitched, meta: dict) -> torch.Tensor:
-    """An example input batch; of 2, since torch.export specialises a batch of 1 to a constant."""
-    s = meta["preprocessing"]["crop_size"]
-    return torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+def _example(model: _Stitched, meta: dict) -> tuple[torch.Tensor, dict]:
+    """An example input batch and its dynamic dimensions. A batch of 2 (torch.export specialises
+    a batch of 1 to a constant); an image input of unequal sides, so neither is specialised."""
+    s, g = meta["preprocessing"]["crop_size"], torch.Generator().manual_seed(0)
+    batch = torch.export.Dim("batch", min=1)
+    if model.image_input is None:
+        return torch.rand(2, 3, s, s, generator=g), {0: batch}
+    x = torch.randint(0, 256, (2, 3, s + 7, s + 3), generator=g, dtype=torch.uint8)
+    return x, {0: batch, 2: torch.export.Dim("height", min=2, max=2**15),
+               3: torch.export.Dim("width", min=2, max=2**15)}
 
 
 def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (_example(model, meta),), dynamic_shapes=({0: batch},))
+    x, dims = _example(model, meta)
+    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
     torch.export.save(program, path, extra_files={META_NAME: json.dumps(meta)})
     return [path]
 
 
 def _write_onnx(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    batch = torch.export.Dim("batch", min=1)
+    x, dims = _example(model, meta)
     with _quiet("onnxscript", "onnx_ir"):   # they log every optimisation pass at INFO
-        program = torch.onnx.export(model, (_example(model, meta),), None, dynamo=True,
-                                    verbose=False, dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(model, (x,), None, dynamo=True,
+                                    verbose=False, dynamic_shapes=(dims,),
                                     input_names=["images"], output_names=["logits"])
     program.model.metadata_props["pipeline"] = json.dumps(meta)
     program.save(path, external_data=False)   # VGGs stay well under protobuf's 2 GB
@@ -380,15 +409,21 @@ _WRITERS: dict[str, Callable[[_Stitched, dict, Path], list[Path]]] = {
 # parity
 
 def _parity(model: LoadedModel, head: nn.Module, reader: CacheReader, rows: list[int],
-            crops: list[torch.Tensor]) -> dict:
-    """Run `model` on cached images; its logits must equal the head's on the cached features."""
+            inputs: list[torch.Tensor]) -> dict:
+    """Run `model` on cached images; its logits must equal the head's on the cached features.
+    `inputs`: (3, S, S) uint8 crops, or (3, H, W) uint8 whole images for an image-input model
+    (run one at a time: their sizes differ)."""
     feats = torch.from_numpy(reader.read_rows(rows))                          # (B, D)
     with torch.no_grad():
         expected = head(feats)                                                # (B, C)
-    got = model.run(to_float_batch(torch.stack(crops)))                       # (B, C)
+    image_input = model.input_kind == "image"
+    got = (torch.cat([model.run(x[None]) for x in inputs]) if image_input
+           else model.run(to_float_batch(torch.stack(inputs))))               # (B, C)
     m = reader.manifest
     eps = _STORAGE_EPS.get(m["dtype"], 2.0 ** -11) + _COMPUTE_EPS.get(m["precision"], 2.0 ** -8)
     tolerance = float(_SIGMAS * _error_sigma(head, feats, eps).max() + _ATOL)
+    if image_input:   # tensor resizing lands up to one gray level from Pillow's
+        tolerance += _RESIZE_REL * float(expected.abs().max())
     diff = float((got - expected).abs().max())
     result = {"images": len(rows), "max_abs_diff": diff, "tolerance": tolerance,
               "max_abs_logit": float(expected.abs().max()), "cache": str(reader.path)}
@@ -403,10 +438,11 @@ def _parity(model: LoadedModel, head: nn.Module, reader: CacheReader, rows: list
     return result
 
 
-def _parity_images(reader: CacheReader, pre: Preprocessing, config: ExportConfig
+def _parity_images(reader: CacheReader, pre: Callable, config: ExportConfig
                    ) -> tuple[list[int], list[torch.Tensor]]:
     """Up to `parity_images` rows, spread over the cache, whose image file is still there and
-    unchanged (same SHA-256), with their (3, S, S) uint8 crops, decoded as extract decodes."""
+    unchanged (same SHA-256), decoded as extract decodes, then `pre` (the cache's Preprocessing
+    for (3, S, S) uint8 crops, or pil_to_tensor for whole images)."""
     root = Path(config.images_root or reader.manifest.get("source_root") or ".")
     n = reader.n_rows
     candidates = np.unique(np.linspace(0, n - 1, min(n, _PARITY_TRIES)).round().astype(int))

@@ -27,8 +27,9 @@ META_NAME = "pipeline.json"          # pt2 extra file / ONNX metadata_props key 
 
 @dataclass
 class LoadedModel:
-    """An exported model: `run(x)` maps (N, 3, S, S) float32 in [0, 1] to (N, C) float32 logits
-    on the CPU, whatever device the model runs on."""
+    """An exported model: `run(x)` maps (N, 3, S, S) float32 in [0, 1] (or, for a model exported
+    with `--input image`, (N, 3, H, W) uint8 pixels) to (N, C) float32 logits on the CPU,
+    whatever device the model runs on."""
     path: Path
     format: str
     meta: dict
@@ -37,6 +38,11 @@ class LoadedModel:
     @property
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
+
+    @property
+    def input_kind(self) -> str:
+        """tensor: (N, 3, S, S) float in [0, 1]; image: (N, 3, H, W) uint8 of any size."""
+        return self.meta.get("input", {}).get("kind", "tensor")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -134,8 +140,11 @@ def _load_onnx(path: Path) -> LoadedModel:
     meta = _check_meta(json.loads(text), path)
     name = session.get_inputs()[0].name
 
+    pixels = meta.get("input", {}).get("kind") == "image"
+
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = session.run(None, {name: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        x = x.detach().cpu().numpy()
+        out = session.run(None, {name: x if pixels else x.astype(np.float32, copy=False)})
         return torch.from_numpy(out[0])
     return LoadedModel(path, "onnx", meta, run)
 

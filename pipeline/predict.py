@@ -8,7 +8,8 @@
 
 Images are found, decoded and preprocessed exactly as `extract` does (the same loader, with the
 preprocessing the model carries from the cache manifest), in batches, decoded in DataLoader
-workers. Bad images are reported with their reason and skipped, never replaced.
+workers. A model exported with `--input image` gets each decoded image whole, one at a time,
+and resizes it itself. Bad images are reported with their reason and skipped, never replaced.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
+from torchvision.transforms import functional as TF
 
 from cache.errors import UserError
 
-from ._progress import Progress
+from ._progress import progress
 from .backbone import to_float_batch
 from .config import PredictConfig
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
@@ -69,17 +71,20 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     names = model.class_names
     k = min(config.top_k, len(names))
     n = len(images.paths)
-    step = config.batch_size
+    pixels = model.input_kind == "image"     # the model resizes; whole images differ in size
+    step = 1 if pixels else config.batch_size
     batches = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
     workers = 0 if len(batches) < 2 else default_workers(config.workers, device.type == "cuda")
-    loader = DataLoader(ImageBatches(images, model.preprocessing), batch_sampler=batches,
+    loader = DataLoader(ImageBatches(images, TF.pil_to_tensor if pixels else model.preprocessing),
+                        batch_sampler=batches,
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda")
     predictions, blocks, skipped = [], [], []
-    with Progress(n, "predict", config.progress) as bar:
+    with progress(n, "predict", config.progress) as bar:
         for batch in loader:
             skipped += [(path, reason) for path, _, reason in batch["errors"]]
             if batch["index"]:
-                out = model.run(to_float_batch(batch["images"])).float().numpy()   # (B, C)
+                x = batch["images"] if pixels else to_float_batch(batch["images"])
+                out = model.run(x).float().numpy()                                    # (B, C)
                 blocks.append(out)
                 predictions += [_top(images.paths[i], row, names, k)
                                 for i, row in zip(batch["index"], _softmax(out))]

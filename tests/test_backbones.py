@@ -163,3 +163,31 @@ def test_torchvision_format_needs_the_penultimate_cut(images, tmp_path):
     run = train_head(cache, tmp_path / "runs", TrainConfig(epochs=1, val_fraction=0.0)).best_path
     with pytest.raises(UserError, match="needs the penultimate cut"):
         export(run, tmp_path / "m.pth", ExportConfig(format="torchvision"))
+
+
+@pytest.mark.parametrize("fmt, suffix", [("pt2", ".pt2"), ("onnx", ".onnx")])
+def test_image_input_model_takes_pixels_of_any_size(images, resnet_run, fmt, suffix):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    root, cache, run = resnet_run
+    summary = export(run, root / f"pixels{suffix}", ExportConfig(format=fmt, input="image"))
+    assert summary.meta["input"]["kind"] == "image" and summary.meta["input"]["dtype"] == "uint8"
+    assert summary.parity["max_abs_diff"] <= summary.parity["tolerance"]
+    model = load_model(summary.path)
+    head, _ = load_head(run)
+    with CacheReader(cache) as r, torch.no_grad():
+        expected = head(torch.from_numpy(r.load_features())).numpy()
+        paths = list(r.paths)
+    result = predict(summary.path, [images], PredictConfig(workers=0, progress=False))
+    assert [p["path"] for p in result.predictions] == [(images / p).as_posix() for p in paths]
+    scale = np.abs(expected).max()
+    assert np.abs(result.logits - expected).max() <= 0.1 * scale     # tensor vs Pillow resize
+    # Pixels of another size go in as they are: (1, 3, 50, 70) uint8.
+    x = torch.randint(0, 256, (1, 3, 50, 70), dtype=torch.uint8)
+    assert model.run(x).shape == (1, 2)
+
+
+def test_image_input_refuses_the_torchvision_format(resnet_run):
+    root, _, run = resnet_run
+    with pytest.raises(UserError, match="--input image needs --format pt2 or onnx"):
+        export(run, root / "m.pth", ExportConfig(format="torchvision", input="image"))
