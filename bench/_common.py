@@ -76,10 +76,15 @@ def _fmt(value) -> str:
 
 
 def quiet() -> None:
-    """Warnings only: the stages log progress at INFO, and --weights none warns on every build."""
+    """Warnings only: the stages log progress at INFO, and --weights none warns on every build
+    (warnings the stages mark with the record attribute `random_init`: dropped, others kept)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline.extract").setLevel(logging.ERROR)   # the RANDOM-INIT warning
-    logging.getLogger("pipeline.export").setLevel(logging.ERROR)
+    for name in ("pipeline.extract", "pipeline.export"):
+        logging.getLogger(name).addFilter(_not_random_init)
+
+
+def _not_random_init(record: logging.LogRecord) -> bool:
+    return not getattr(record, "random_init", False)
 
 
 def synthetic_cache(path: Path, rows: int, dim: int = 4096, classes: int = 10,
@@ -136,11 +141,11 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class EpochTimes(logging.Handler):
-    """Collects the per-epoch seconds `train_head` logs ("... epoch 3/5, ..., 0.52 s").
+class EpochTimes:
+    """Collects the per-epoch seconds `train_head` reports through its `on_epoch` callback.
 
-        with EpochTimes() as epochs:
-            train_head(...)
+        epochs = EpochTimes()
+        train_head(..., on_epoch=epochs)
         epochs.seconds      # [0.61, 0.52, ...] one per epoch and pass
 
     The stage times its own epochs (shuffle, batches, optimizer steps, validation), so this
@@ -148,25 +153,10 @@ class EpochTimes(logging.Handler):
     """
 
     def __init__(self):
-        super().__init__(logging.INFO)
         self.seconds: list[float] = []
-        self._logger = logging.getLogger("pipeline.train_head")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "epoch %d/%d" in str(record.msg) and record.args:
-            self.seconds.append(float(record.args[-1]))
-
-    def __enter__(self) -> "EpochTimes":
-        self._saved = (self._logger.level, self._logger.propagate)
-        self._logger.setLevel(logging.INFO)
-        self._logger.propagate = False        # collect, do not print
-        self._logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._saved[0])
-        self._logger.propagate = self._saved[1]
+    def __call__(self, epoch: dict) -> None:
+        self.seconds.append(epoch["seconds"])
 
 
 def paired(times: dict[str, list[float]], case: str, base: str) -> float:

@@ -41,7 +41,7 @@ def bench_config(tmp: Path, src: Path, size: int, batch: int, repeats: int) -> l
     extract(src, cache, ExtractConfig(weights="none", image_size=size, batch_size=16,
                                       overwrite=True, progress=False))
     run = Path(train_head(cache, tmp / f"runs{size}", TrainConfig(epochs=1, val_fraction=0.0)
-                          )["best_path"])
+                          ).best_path)
     models, export_s = {}, {}
     for fmt, suffix in (("pt2", ".pt2"), ("onnx", ".onnx")):
         t0 = time.perf_counter()

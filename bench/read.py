@@ -15,10 +15,11 @@ per-round ratios:
   read HDF5 chunks    CacheReader.iter_chunks() over every row (float16, as stored)
   read .npy           numpy.load of the same bytes
 
-Epoch seconds are what train_head logs per epoch (shuffle, batches, steps), median over epochs
-and rounds. Files are read from the page cache (just written; nothing here can drop it), so the
-read rates are CPU/memory-bound, not disk-bound. Peak memory: each case runs once more in a
-fresh subprocess; its peak RSS (getrusage) minus its RSS after imports.
+Epoch seconds are what train_head reports per epoch to its on_epoch callback (shuffle,
+batches, steps), median over epochs and rounds. Files are read from the page cache (just
+written; nothing here can drop it), so the read rates are CPU/memory-bound, not disk-bound.
+Peak memory: each case runs once more in a fresh subprocess; its peak RSS (getrusage) minus its
+RSS after imports.
 """
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def train(cache: Path, runs: Path, epochs: int, max_memory: int | None) -> dict:
     from pipeline.train_head import train_head
 
     extra = {} if max_memory is None else {"max_memory": max_memory}
-    with EpochTimes() as ep:
-        s = train_head(cache, runs, TrainConfig(epochs=epochs, batch_size=256, val_fraction=0.0,
-                                                **extra))
-    return {"epochs": ep.seconds, "memory": s["memory"], "train_acc": s["leaderboard"][0]["train_acc"]}
+    ep = EpochTimes()
+    s = train_head(cache, runs, TrainConfig(epochs=epochs, batch_size=256, val_fraction=0.0,
+                                            **extra), on_epoch=ep)
+    return {"epochs": ep.seconds, "memory": s.memory, "train_acc": s.leaderboard[0]["train_acc"]}
 
 
 def child(cache: Path, runs: Path, max_memory: int | None) -> None:

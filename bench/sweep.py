@@ -20,8 +20,9 @@ K=1: lr 1e-3; K=8: the 8 lrs; K=32: x 4 weight decays; K=128: x 4 seeds.
              against which each epoch's GFLOP/s is put
 
 Every case runs once per round, alternating, for --repeats rounds. Seconds are medians, ratios
-medians of per-round ratios. Epoch seconds are what train_head logs per epoch. Best validation
-accuracy is over the K heads (over the measured ones where extrapolated).
+medians of per-round ratios. Epoch seconds are what train_head reports per epoch (its on_epoch
+callback). Best validation accuracy is over the K heads (over the measured ones where
+extrapolated).
 """
 from __future__ import annotations
 
@@ -80,11 +81,11 @@ def main() -> None:
 
     def one_pass(k: int):
         def case() -> float:
-            t0 = time.perf_counter()
-            with EpochTimes() as ep:
-                s = train_head(train, tmp / f"pass{k}", TrainConfig(**grid(k), **shared), val)
+            t0, ep = time.perf_counter(), EpochTimes()
+            s = train_head(train, tmp / f"pass{k}", TrainConfig(**grid(k), **shared), val,
+                           on_epoch=ep)
             seconds = time.perf_counter() - t0
-            acc[f"pass{k}"] = [r["val_acc"] for r in sorted(s["leaderboard"], key=_key)]
+            acc[f"pass{k}"] = [r["val_acc"] for r in sorted(s.leaderboard, key=_key)]
             epoch_s.setdefault(f"pass{k}", []).extend(ep.seconds)
             return seconds
         return case
@@ -93,7 +94,7 @@ def main() -> None:
         t0, accs = time.perf_counter(), []
         for lr in grid(MEASURED_SEPARATE)["lr"]:
             s = train_head(train, tmp / "single", TrainConfig(lr=(lr,), **shared), val)
-            accs.append(s["leaderboard"][0]["val_acc"])
+            accs.append(s.leaderboard[0]["val_acc"])
         acc["separate"] = accs
         return time.perf_counter() - t0
 

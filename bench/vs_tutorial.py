@@ -140,8 +140,10 @@ def main() -> None:
     tutorial = Tutorial(train_dir, val_dir, args)
     xcfg = ExtractConfig(weights=args.weights, image_size=args.size, batch_size=args.batch_size,
                          dtype="float32", overwrite=True, progress=False)
+    # Raw features, as the tutorial's new fc8 sees them: no standardization, so both ways
+    # compute the same steps.
     shared = dict(optimizer=(args.optimizer,), momentum=args.momentum, epochs=args.epochs,
-                  batch_size=args.batch_size, val_fraction=0.0, data_seed=0)
+                  batch_size=args.batch_size, val_fraction=0.0, data_seed=0, standardize=False)
     sweep = TrainConfig(lr=tuple(args.lr * f for f in SWEEP_LR_FACTORS), seed=SWEEP_SEEDS, **shared)
     rounds: list[dict] = []
 
@@ -177,8 +179,8 @@ def main() -> None:
     ext = median([r["extract"] for r in rounds])
     one = median([r["one_s"] for r in rounds])
     swp = median([r["sweep_s"] for r in rounds])
-    best = max(row["val_acc"] for row in rounds[-1]["sweep"]["leaderboard"])
-    k = len(rounds[-1]["sweep"]["leaderboard"])
+    best = max(row["val_acc"] for row in rounds[-1]["sweep"].leaderboard)
+    k = len(rounds[-1]["sweep"].leaderboard)
     rows = [
         ["A: tutorial loop (VGG forward every step)", tut, f"{k * tut:,.0f} (extrapolated)",
          with_cache["tutorial"], "-"],
@@ -218,7 +220,7 @@ def _agreement(rounds: list[dict], n_val: int) -> dict:
     weight_diff = 0.0
     for r in rounds:
         tut = r["tutorial"]["val_acc"]
-        row = r["one"]["leaderboard"][0]
+        row = r["one"].leaderboard[0]
         head, _ = load_head(row["path"])
         cache_epochs = [float(a) for a in _history(row["path"])]
         diff = np.abs(np.array(tut) - np.array(cache_epochs)).max()

@@ -9,11 +9,12 @@ File layout (any HDF5 tool reads it):
     errors    (M,)   compound (path, digest, reason): images that could not be used
     attrs: manifest (JSON), format_version, committed_rows, committed_errors, complete
 
-Crash safety (DESIGN.md): rows are written, the file flushed, and only then the
-`committed_rows` marker advanced and flushed again. A SIGKILL at any point leaves a file
-that reopens with every committed batch intact; rows past the marker are discarded on
-resume. The writer works on `CACHE.h5.partial`; `finish()` marks it complete, fsyncs it
-and renames it into place, so a file under its final name is always complete.
+Crash safety: rows are written, the file flushed, and only then the `committed_rows`
+marker advanced and flushed again. A SIGKILL at any point leaves a file that reopens with
+every committed batch intact; rows past the marker are discarded on resume. (Measured:
+without the flush before the marker, a SIGKILL could lose every batch written so far.)
+The writer works on `CACHE.h5.partial`; `finish()` marks it complete, fsyncs it and
+renames it into place, so a file under its final name is always complete.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class CacheWriter:
         """Start a new file at `path` (replacing any) for rows described by `manifest`."""
         path = Path(path)
         dim, dtype = int(manifest["feature_dim"]), manifest["dtype"]
-        h5 = h5py.File(path, "w")  # default libver: reopens after a kill (DESIGN.md)
+        # The default libver on purpose: files made with libver="latest" (needed for SWMR)
+        # were measured not to reopen after a SIGKILL, which resuming depends on.
+        h5 = h5py.File(path, "w")
         try:
             h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim),
                               chunks=(rows_per_chunk(dim, dtype), dim))
@@ -141,8 +144,8 @@ class CacheWriter:
 class CacheReader:
     """Read access to a feature cache. Refuses unfinished files unless `allow_incomplete`.
 
-    The small per-row arrays (labels, paths, digests) are read eagerly; features stay on
-    disk until `load_features()` (all into RAM) or `iter_chunks()` (streamed).
+    Labels are read on opening; paths, digests and errors on first use (then kept); features
+    stay on disk until `load_features()` (all into RAM) or `iter_chunks()` (streamed).
     """
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False):

@@ -157,13 +157,11 @@ def train_head_command(ctx: click.Context, train: Path, runs_dir: Path, val: Pat
         raise click.UsageError("give --val or --val-fraction, not both")
     summary = train_head(train, runs_dir, TrainConfig(**options), val_path=val, test_path=test)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(summary.to_json(), indent=2))
         return
-    click.echo(_table(summary["leaderboard"]))
-    best = summary["leaderboard"][0]
-    click.echo(f"\n{summary['experiments']} experiments, ranked by {summary['ranked_by']}, "
-               f"{summary['seconds']:.1f} s. Results: {summary['results_csv']}")
-    click.echo(f"best: {best['run_id']}  ->  {best['path']}")
+    click.echo(_table(summary.leaderboard))
+    click.echo(f"\n{summary.line()}")
+    click.echo(f"best: {summary.best_run}  ->  {summary.best_path}")
 
 
 def _table(rows: list[dict], limit: int = 40) -> str:

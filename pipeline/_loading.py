@@ -27,7 +27,10 @@ class ImageBatches(Dataset):
             img, digest = read_image(self.images.absolute(i))
             return i, self.pre(img), digest, None, self.images.paths[i]
         except BadImageError as e:
-            return i, None, digest_or_blank(self.images.absolute(i)), str(e), self.images.paths[i]
+            # The digest of the bytes that failed, when read_image got to read them: hashing
+            # a large corrupt file a second time would double the cost of rejecting it.
+            digest = e.digest or digest_or_blank(self.images.absolute(i))
+            return i, None, digest, str(e), self.images.paths[i]
 
 
 def collate(items):
@@ -42,7 +45,11 @@ def collate(items):
 
 
 def digest_or_blank(path: Path) -> str:
-    """Content digest, or "" when the file cannot be read (it is retried on every run)."""
+    """Content digest, or "" when the file cannot be read (it is retried on every run).
+
+    A FIFO, device or socket gives "" at once: file_digest refuses anything but a regular
+    file before reading, so a listed /dev/zero or a FIFO with no writer cannot hang the run.
+    """
     try:
         return file_digest(path)
     except OSError:

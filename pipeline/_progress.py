@@ -1,41 +1,22 @@
-"""A small progress line on stderr (items/s and ETA), silent when stderr is not a terminal."""
+"""The progress bar of extract and predict: tqdm on stderr, with items/s and ETA.
+
+tqdm draws a text line in a terminal and a widget in a Jupyter notebook (when ipywidgets is
+installed; otherwise the text line there too).
+"""
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
-class Progress:
-    """`with Progress(total, "extract") as p: p.update(n)` redraws one line at most 10 times a second."""
+def progress(total: int, label: str, enabled: bool | None = None, unit: str = "img") -> tqdm:
+    """`with progress(total, "extract") as bar: bar.update(n)`, redrawn at most 10 times a second.
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None, unit: str = "img"):
-        self.total, self.label, self.unit = total, label, unit
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.done = 0
-        self.start = time.perf_counter()
-        self._last = 0.0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            sys.stderr.write("\r" + self.line(now) + "\033[K")
-            sys.stderr.flush()
-
-    def line(self, now: float | None = None) -> str:
-        elapsed = (now or time.perf_counter()) - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_text = "--:--" if eta != eta else f"{int(eta) // 60}:{int(eta) % 60:02d}"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.label} {self.done}/{self.total} ({pct:.0f}%) "
-                f"{rate:.1f} {self.unit}/s ETA {eta_text}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled and self._last:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    `enabled`: True or False forces the bar on or off; None shows it only when stderr is a
+    terminal (or in a notebook with ipywidgets), so logs and pipes stay clean.
+    """
+    # tqdm's own disable=None is exactly "off unless the output is a terminal"; its notebook
+    # variant turns None into on.
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, mininterval=0.1,
+                disable=None if enabled is None else not enabled, dynamic_ncols=True)

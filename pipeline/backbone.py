@@ -422,12 +422,22 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
         "weights": weights_name,
         "weights_sha256": sha,
         "layer": node,
-        "layer_alias": layer if layer != node else None,
+        "layer_alias": _alias(backbone, layer, node),
         "pool": None if pool == "flatten" else pool,   # None keeps older caches' manifests equal
         "feature_dim": int(dim),
         "preprocessing": pre.to_dict(),
     }
     return frozen, info
+
+
+def _alias(backbone: str, layer: str, node: str) -> str | None:
+    """The cut's short name: VGG's own name of the node (fc7 for penultimate), else what the
+    user asked for when that was not the node name itself."""
+    if backbone.startswith("vgg"):
+        named = [a for a, n in LAYER_ALIASES.items() if n == node]
+        if named:
+            return named[0]
+    return layer if layer != node else None
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

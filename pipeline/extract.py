@@ -6,7 +6,8 @@
 Crash-safe and resumable: rows are committed batch by batch to `CACHE.h5.partial`; a re-run
 of the same command continues from the last committed batch. Incremental: against an
 existing cache, only new or changed images (by content hash) are computed; removed ones
-are dropped. The cache appears under its final name only when complete.
+are dropped. The cache appears under its final name only when complete. The planning
+(what to reuse, what to compute, how to finish) is `cache.plan`; this module computes.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ from torch.utils.data import DataLoader
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheReader, CacheWriter, assemble, finish, partial_path
+from cache.plan import Plan, finalize, open_existing, plan
+from cache.store import CacheWriter, partial_path
 
 from ._version import __version__
-from ._progress import Progress
+from ._progress import progress
 from .config import DTYPES, PRECISIONS, ExtractConfig
 from .backbone import Preprocessing, build_backbone, to_float_batch
 from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
@@ -44,7 +46,9 @@ _AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": to
 
 @dataclass
 class ExtractSummary:
-    """What a run did; `bad` lists (path, reason) of every image that could not be used."""
+    """What a run did. `computed` counts the rows computed by this run and `reused` the rows
+    taken from earlier runs; `bad` lists (path, reason) of every image that could not be used
+    (such images are in neither count)."""
     path: str
     rows: int
     computed: int
@@ -81,119 +85,39 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
     precision = _precision(config.precision, device)
     model, info = _build(config)
     manifest = _manifest(info, config, precision, images)
-    digests = _digests(images)
+    listing = (images.paths, images.labels, images.class_names, _digests(images))
 
-    old = _open_compatible(output, manifest, config.overwrite)       # complete cache or None
-    held = _open_compatible(part_path, manifest, config.overwrite)   # earlier unfinished run
-    sources = [r for r in (old, held) if r is not None]
+    old, held = open_existing(output, manifest, config.overwrite)   # complete cache, earlier run
     try:
-        plan = _plan(images, digests, sources)
-        if not plan.todo and old is not None and held is None and _is_whole(old, 0, plan, images):
-            return _finish_strict(ExtractSummary(
-                str(output), old.n_rows, 0, old.n_rows, 0, [(p, r) for p, _, r in plan.errors],
-                time.perf_counter() - t0, 0.0, True, str(device), manifest), config)
+        planned = plan(*listing, [r for r in (old, held) if r is not None])
+        up_to_date = old is not None and held is None and planned.is_whole(old, 0)
+        removed = 0 if old is None else planned.dropped(old)   # read while `old` is open
     finally:
-        for r in sources:
-            r.close()
+        for r in (old, held):
+            if r is not None:
+                r.close()
+    if up_to_date:
+        return _finish_strict(ExtractSummary(
+            str(output), len(planned.rows), 0, len(planned.rows), 0, _bad(planned),
+            time.perf_counter() - t0, 0.0, True, str(device), manifest), config)
 
     writer = (CacheWriter.resume(part_path) if held is not None
               else CacheWriter.create(part_path, manifest))
     with writer:
         rows_before = writer.committed_rows
         t_compute = time.perf_counter()
-        _run(model, images, plan.todo, writer, config, device, precision)
+        _run(model, images, planned.todo, writer, config, device, precision)
         compute_s = time.perf_counter() - t_compute
-        new_rows = writer.committed_rows - rows_before
-
-    # Rows computed just now live in the partial file: plan the final cache from all sources.
-    held = CacheReader(part_path, allow_incomplete=True)
-    sources = [r for r in (_open_compatible(output, manifest, True), held) if r is not None]
-    try:
-        final = _plan(images, digests, sources, changed_reason="file changed during extraction: "
-                      "re-run extract to include it")
-        updates = {"rows": len(final.rows), "errors": len(final.errors)}
-        fast = _is_whole(held, len(sources) - 1, final, images)
-        if not fast:
-            assemble(output, {**manifest, **updates}, sources,
-                     [(s, r, images.labels[i], images.paths[i], digests[i])
-                      for i, s, r in final.rows], final.errors)
-    finally:
-        for r in sources:
-            r.close()
-    if fast:
-        finish(part_path, output, updates)   # the partial is exactly the cache: rename it
-    else:
-        _remove(part_path)
-    current = set(zip(images.paths, digests))
-    removed = 0 if old is None else sum(k not in current for k in zip(old.paths, old.digests))
+        computed = writer.committed_rows - rows_before   # images that failed to decode add none
+    final = finalize(output, manifest, *listing)
     return _finish_strict(ExtractSummary(
-        str(output), len(final.rows), len(plan.todo), len(final.rows) - new_rows, removed,
-        [(p, r) for p, _, r in final.errors], time.perf_counter() - t0,
-        len(plan.todo) / compute_s if compute_s > 0 else 0.0, False, str(device), manifest), config)
+        str(output), len(final.rows), computed, len(final.rows) - computed, removed, _bad(final),
+        time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
+        str(device), manifest), config)
 
 
-@dataclass
-class _Plan:
-    rows: list          # (image index, source number, source row) for each output row
-    errors: list        # (path, digest, reason), sorted
-    todo: list          # image indices to compute
-
-
-def _plan(images: ImageList, digests: list[str], sources: list[CacheReader],
-          changed_reason: str | None = None) -> _Plan:
-    """Match each image (by path and content digest) to a row or error already held."""
-    index, known = {}, {}
-    for s, src in enumerate(sources):
-        for row, key in enumerate(zip(src.paths, src.digests)):
-            index[key] = (s, row)   # later sources win: the newest computation
-        for p, d, reason in src.errors:
-            known[(p, d)] = reason
-    plan = _Plan([], [], [])
-    for i, (path, digest) in enumerate(zip(images.paths, digests)):
-        key = (path, digest)
-        if key in index:
-            plan.rows.append((i, *index[key]))
-        elif key in known:
-            plan.errors.append((path, digest, known[key]))
-        elif changed_reason is not None:
-            plan.errors.append((path, digest, changed_reason))
-        else:
-            plan.todo.append(i)
-    plan.errors.sort()
-    return plan
-
-
-def _is_whole(src: CacheReader, s: int, plan: _Plan, images: ImageList) -> bool:
-    """True when source number `s` already is exactly the cache `plan` describes."""
-    return ([(s0, r) for _, s0, r in plan.rows] == [(s, k) for k in range(src.n_rows)]
-            and src.labels.tolist() == [images.labels[i] for i, _, _ in plan.rows]
-            and sorted(src.errors) == plan.errors
-            and src.class_names == list(images.class_names))
-
-
-def _open_compatible(path: Path, manifest: dict, overwrite: bool) -> CacheReader | None:
-    """Reader on an existing cache at `path` whose rows can be reused, or None.
-
-    A cache made with other settings is refused (naming the difference) unless
-    `overwrite`, in which case it is ignored here and replaced at the end.
-    """
-    if not path.exists():
-        return None
-    try:
-        reader = CacheReader(path, allow_incomplete=True)
-    except ValueError as e:
-        if overwrite:
-            return None
-        raise UserError(f"{path} exists but is not a usable feature cache ({e}); "
-                         "pass --overwrite to replace it") from None
-    diff = mf.differences(reader.manifest, manifest)
-    if diff:
-        reader.close()
-        if overwrite:
-            return None
-        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): pass the "
-                         "same settings to update it, --overwrite to start again, or another -o")
-    return reader
+def _bad(planned: Plan) -> list[tuple[str, str]]:
+    return [(p, reason) for p, _, reason in planned.errors]
 
 
 def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config: ExtractConfig,
@@ -207,7 +131,6 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
     if not todo:
         return
     pre = Preprocessing.from_dict(writer.manifest["preprocessing"])
-    store_dtype = getattr(torch, config.dtype)
     cuda = device.type == "cuda"
     model = model.to(device)
     if cuda:
@@ -215,30 +138,43 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
     batches = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     loader = DataLoader(ImageBatches(images, pre), batch_sampler=batches, collate_fn=collate,
                         num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
-    committer = _Committer(writer)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision])
                 if precision != "float32" else contextlib.nullcontext())
-    with Progress(len(todo), "extract", config.progress) as bar, torch.inference_mode():
-        for batch in loader:
-            feats = None
-            if len(batch["index"]):
-                x = batch["images"].to(device, non_blocking=True)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    y = model(to_float_batch(x))                     # (B, D)
-                feats = y.to(store_dtype)
-                if cuda:   # copy back asynchronously; the writer thread waits on the event
-                    host = torch.empty(feats.shape, dtype=store_dtype, pin_memory=True)
-                    host.copy_(feats, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    feats = (host, event)
-            committer.put(feats, [images.labels[i] for i in batch["index"]],
-                          [images.paths[i] for i in batch["index"]], batch["digests"],
-                          batch["errors"])
-            bar.update(len(batch["index"]) + len(batch["errors"]))
+    store_dtype = getattr(torch, config.dtype)
+    committer = _Committer(writer)
+    try:
+        with progress(len(todo), "extract", config.progress) as bar, torch.inference_mode():
+            for batch in loader:
+                feats = (_forward(model, batch["images"], device, autocast, store_dtype)
+                         if len(batch["index"]) else None)
+                committer.put(feats, [images.labels[i] for i in batch["index"]],
+                              [images.paths[i] for i in batch["index"]], batch["digests"],
+                              batch["errors"])
+                bar.update(len(batch["index"]) + len(batch["errors"]))
         committer.close()
+    finally:
+        # Also when the loop raised: the caller closes the writer next, which must not race a
+        # commit in progress, and a thread left waiting on its queue would never end.
+        committer.stop()
+
+
+def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
+    """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor; on CUDA,
+    (pinned host tensor, event) with the copy back still in flight (the committer waits)."""
+    cuda = device.type == "cuda"
+    x = images.to(device, non_blocking=True)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        y = model(to_float_batch(x))                     # (B, D)
+    feats = y.to(store_dtype)
+    if not cuda:
+        return feats
+    host = torch.empty(feats.shape, dtype=store_dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class _Committer:
@@ -248,7 +184,7 @@ class _Committer:
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="extract-committer", daemon=True)
         self.thread.start()
 
     def put(self, *item) -> None:
@@ -257,10 +193,19 @@ class _Committer:
         self.queue.put(item)
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Commit every queued batch, end the thread, and raise a commit failure if any."""
+        self.stop()
         if self.error is not None:
             raise self.error
+
+    def stop(self) -> None:
+        """End the thread once the queued batches are committed; does nothing the second time.
+
+        Only this (main) thread queues the end marker, so a live thread has not yet seen it.
+        """
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -319,7 +264,8 @@ def _build(config: ExtractConfig):
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone, extra={"random_init": True})
-    return build_backbone(config.backbone, config.weights, config.layer, config.image_size)
+    return build_backbone(config.backbone, config.weights, config.layer, config.image_size,
+                          config.pool)
 
 
 def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList) -> dict:
@@ -336,13 +282,6 @@ def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageLi
                      "torchvision": torchvision.__version__, "h5py": h5py.__version__,
                      "numpy": np.__version__},
     }
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _finish_strict(summary: ExtractSummary, config: ExtractConfig) -> ExtractSummary:

@@ -8,7 +8,8 @@ the plain modules they are saved as.
     module, meta = load_head("runs/linear-adamw-lr0.001-.../")      # nn.Linear / nn.Sequential
 
 Why stacked: K linear heads held as one (K*C, D) weight make a batch one addmm that reads the
-batch once for all heads (DESIGN.md: 32 heads cost about 3x one). The heads stay independent:
+batch once for all heads, so 32 heads cost a few times one head, not 32 times (3.5-5x on a
+2-core CPU: bench/sweep.py). The heads stay independent:
 the loss is a sum of per-head losses, so each head's gradient is its own, and the optimizers
 are elementwise with a per-head lr and weight decay, so a head trained in a stack follows the
 trajectory it follows alone (up to float rounding in the matmuls).
@@ -19,7 +20,9 @@ head sees ordinary dropout with its own p; a head alone draws the same U, so it 
 masks as in a stack.
 
 `evaluate` gives every head's metrics in one pass over a split; `fit_logreg` fits
-scikit-learn's LogisticRegression and returns it as the linear layer it is.
+scikit-learn's LogisticRegression and returns it as the linear layer it is. Heads trained on
+standardized features are saved with the standardization folded into their first layer
+(`fold_standardization`), so every saved head takes raw features.
 
 Saved heads are plain modules that `build_head(meta)` rebuilds without this training code:
 linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
@@ -41,9 +44,11 @@ from torch import nn
 
 from cache.errors import UserError
 
+from .config import ACTIVATIONS, OPTIMIZERS
+
 HEAD_FORMAT = "pipeline-head/1"
-ACTIVATIONS = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU), "tanh": (torch.tanh, nn.Tanh)}
-OPTIMIZERS = ("adamw", "sgd")
+# Each of config.ACTIVATIONS -> (function for the stack, module for the saved head).
+_ACTIVATION = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU), "tanh": (torch.tanh, nn.Tanh)}
 
 
 class HeadStack:
@@ -68,7 +73,7 @@ class HeadStack:
         self.hidden, self.activation = tuple(int(h) for h in hidden), activation
         self.dropouts = dropouts
         self._p = torch.tensor(dropouts, dtype=torch.float32)     # (K,)
-        self._act = ACTIVATIONS[activation][0]
+        self._act = _ACTIVATION[activation][0]
         dims = [in_dim, *self.hidden, n_classes]
         self.weights = [torch.empty(k, o, i) for i, o in zip(dims[:-1], dims[1:])]
         self.biases = [torch.empty(k, o) for o in dims[1:]]
@@ -258,39 +263,52 @@ def evaluate(stack: HeadStack, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def standard_scaler(x: np.ndarray):
-    """A scikit-learn StandardScaler fitted on x (N, D), to share between `fit_logreg` calls."""
-    from sklearn.preprocessing import StandardScaler
-    return StandardScaler().fit(x)
+def fold_standardization(weight, bias, mean, std):
+    """A first layer that takes raw x, from one trained on standardized (x - mean) / std.
+
+    weight (..., out, D), bias (..., out), mean and std (D,): numpy arrays or torch tensors,
+    float64 for the arithmetic (the results are stored as float32 by the caller). Returns
+    (weight / std, bias - (weight / std) @ mean), since w.(x - m)/s + b = (w/s).x + (b - (w/s).m).
+    Used for logreg fits and for linear and mlp heads alike.
+    """
+    weight = weight / std                                                 # (..., out, D)
+    return weight, bias - weight @ mean                                   # (..., out)
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter: int = 1000,
-               class_weight: str | None = None, scaler=None
+               class_weight: str | None = None,
+               standardize: tuple[np.ndarray, np.ndarray] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fit scikit-learn's LogisticRegression on x (N, D) (standardized by `scaler` if given) and
-    return it as the state_dict of an nn.Linear(D, n_classes) on raw x, plus facts
-    (n_iter, converged, standardized). A ConvergenceWarning becomes converged=False.
+    """Fit scikit-learn's LogisticRegression on x (N, D) and return it as the state_dict of an
+    nn.Linear(D, n_classes) on raw x, plus facts (n_iter, converged). A ConvergenceWarning
+    becomes converged=False.
 
-    The scaler is folded in: w.(x - m)/s + b = (w/s).x + (b - (w/s).m). A binary fit's single
-    row w becomes rows -w/2, +w/2 (their softmax is the sigmoid); classes absent from y get
-    weight 0 and bias -1e4 (never predicted).
+    `standardize` (mean, std), each (D,) float64: fit on (x - mean) / std, as scikit-learn's
+    StandardScaler would, and fold that into the layer (`fold_standardization`). A binary fit's
+    single row w becomes rows -w/2, +w/2 (their softmax is the sigmoid); classes absent from y
+    get weight 0 and bias -1e4 (never predicted).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     if len(np.unique(y)) < 2:
         raise UserError("logreg needs training rows of at least two classes")
+    if standardize is not None:
+        # float32 in place with float64 operands: StandardScaler.transform's arithmetic, and
+        # one (N, D) float32 copy rather than a float64 one.
+        x = np.array(x, dtype=np.float32)
+        x -= standardize[0]
+        x /= standardize[1]
     clf = LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight)
     with warnings.catch_warnings(record=True) as caught:
         warnings.filterwarnings("always", category=ConvergenceWarning)
-        clf.fit(scaler.transform(x) if scaler is not None else x, y)
+        clf.fit(x, y)
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn(w.message, w.category, stacklevel=2)
     coef, intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
-    if scaler is not None:
-        coef = coef / scaler.scale_
-        intercept = intercept - coef @ scaler.mean_
+    if standardize is not None:
+        coef, intercept = fold_standardization(coef, intercept, *standardize)
     if len(clf.classes_) == 2:
         coef = np.vstack([-coef / 2, coef / 2])
         intercept = np.hstack([-intercept / 2, intercept / 2])
@@ -299,8 +317,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter:
     state = {"weight": torch.from_numpy(weight.astype(np.float32)),
              "bias": torch.from_numpy(bias.astype(np.float32))}
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return state, {"n_iter": int(np.max(clf.n_iter_)), "converged": converged,
-                   "standardized": scaler is not None}
+    return state, {"n_iter": int(np.max(clf.n_iter_)), "converged": converged}
 
 
 def build_head(meta: dict) -> nn.Module:
@@ -311,7 +328,7 @@ def build_head(meta: dict) -> nn.Module:
     if kind != "mlp":
         raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
                          "or logreg")
-    act = ACTIVATIONS[meta["activation"]][1]
+    act = _ACTIVATION[meta["activation"]][1]
     dims, layers = [d, *meta["hidden"], c], []
     for i, o in zip(dims[:-1], dims[1:]):
         layers += [nn.Linear(i, o), act()]
@@ -348,5 +365,5 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     return module.eval(), meta
 
 
-__all__ = ["ACTIVATIONS", "OPTIMIZERS", "HeadStack", "StackedOptimizer", "build_head", "evaluate",
-           "fit_logreg", "load_head", "save_head", "standard_scaler"]
+__all__ = ["HeadStack", "StackedOptimizer", "build_head", "evaluate", "fit_logreg",
+           "fold_standardization", "load_head", "save_head"]

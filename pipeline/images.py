@@ -2,13 +2,17 @@
 
 `find_images(SOURCE)` turns a folder (ImageFolder layout or a flat folder of
 unlabeled images) or a .csv/.tsv list of `path[,label]` rows into a sorted,
-deterministic `ImageList`. `read_image(path)` reads a file once and returns the
-decoded RGB image with the SHA-256 of the bytes it decoded, so the digest stored
-in the cache always describes the pixels that made the features.
+deterministic `ImageList`. `read_image(path)` opens a file once, hashes it in
+blocks and decodes it from that same open file, returning the decoded RGB image
+with the SHA-256 of the bytes it decoded, so the digest stored in the cache
+always describes the pixels that made the features.
 
-Every way an image can be unusable (unreadable, empty, not an image, truncated,
-decompression bomb, unconvertible mode) comes out as `BadImageError`, whose
-message is a one-line reason the caller records and moves on.
+Every way an image can be unusable (unreadable, not a regular file, empty, not
+an image, truncated, decompression bomb, absurd size or aspect ratio,
+unconvertible mode) comes out as `BadImageError`, whose message is a one-line
+reason the caller records and moves on. Images whose name (or list label) is not
+valid UTF-8 cannot be stored by name: `find_images` lists them apart, in
+`ImageList.unusable`, instead of failing the whole listing.
 
     from pipeline.images import find_images, read_image
     images = find_images("data/train")
@@ -43,6 +47,27 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 LIST_EXTENSIONS = (".csv", ".tsv")
 
 _BLOCK = 1 << 20  # 1 MiB: hashing reads
+# O_NONBLOCK: opening a FIFO that nobody writes to would otherwise block forever.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation of image bytes
+# Sizes that no photograph or scan reaches. Preprocessing resizes the shorter side to a
+# few hundred pixels, so the resized image's longer side is the aspect ratio times that:
+# a 200,000 x 1 PNG of a few hundred bytes would need gigabytes once resized. Stitched
+# panoramas stay around 10:1, and 65,535 px is the largest side JPEG can store, so these
+# limits refuse only synthetic or broken files, and at 100:1 a 256 px shorter side
+# resizes to about 20 MB. Checked on the header, before the pixels are decoded.
+_MAX_ASPECT = 100
+_MAX_SIDE = 65_535
+_READ_ATTEMPTS = 3  # a file rewritten while read_image reads it is read again, this often
+_NAMES_SHOWN = 10  # unusable names spelled out in the warning; the rest are counted
+# A list's first row is a header when it uses one of these column names (lower case) and
+# does not name a file: see _is_header.
+_PATH_COLUMNS = frozenset({
+    "path", "paths", "file", "files", "filename", "file_name", "filepath", "file_path",
+    "image", "images", "image_path", "image_name", "img", "img_path", "name",
+})
+_LABEL_COLUMNS = frozenset({"label", "labels", "class", "class_name", "category", "target", "y"})
+_HEADER_LOOKAHEAD = 8  # rows after the first checked for existence by the general header rule
 _SNIFF_BYTES = 32  # enough for every signature in _has_image_signature
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}  # header sizes that follow "BM"
 _MODES_16BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -54,7 +79,17 @@ _DECODE_ERRORS = (
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be used; str() is the one-line reason."""
+    """An image file that cannot be used; str() is the one-line reason.
+
+    `digest` is the SHA-256 of the bytes that were read and failed to decode, or ""
+    when the file could not be read at all.
+    """
+
+    digest: str = ""
+
+
+class NotRegularFileError(OSError):
+    """The path names a FIFO, socket, device or anything else that is not a regular file."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,9 @@ class ImageList:
     labels: tuple[int, ...]  # class index per path, -1 for unlabeled
     class_names: tuple[str, ...]  # label i is class_names[i]
     kind: str  # "imagefolder" | "unlabeled" | "list"
+    # (printable path, reason) of image files left out because their name or label is not
+    # valid UTF-8, so no cache or report can store it; the bad bytes are shown as \xNN.
+    unusable: tuple[tuple[str, str], ...] = ()
 
     def absolute(self, i: int) -> Path:
         """The absolute path of image i (an absolute entry stays as it is)."""
@@ -88,6 +126,10 @@ def find_images(source: str | Path) -> ImageList:
     src = src.resolve()
     if src.is_dir():
         return _find_in_folder(src)
+    if not src.is_file():
+        # Reading a FIFO or a device as a list would block or never end.
+        raise UserError(f"image source {src} is not a regular file or a folder: pass a folder of "
+                        f"images or a .csv/.tsv list")
     if src.suffix.lower() in LIST_EXTENSIONS:
         return _read_list_file(src)
     raise UserError(
@@ -97,38 +139,97 @@ def find_images(source: str | Path) -> ImageList:
 
 
 def _find_in_folder(root: Path) -> ImageList:
-    found = sorted(_walk_images(root))
+    found, unusable, top_folders = _walk_images(root)
+    found.sort()
+    unusable.sort()
+    _warn_unusable(root, unusable)
     if not found:
+        if unusable:
+            raise UserError(
+                f"no usable images in {root}: the {len(unusable)} found have names that are not "
+                f"valid UTF-8 (first: {unusable[0][0]}): rename them"
+            )
         raise UserError(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
             f"and extension-less files by content): point to the folder that holds the images"
         )
-    class_names = tuple(sorted({p.split("/", 1)[0] for p in found if "/" in p}))
-    if not class_names:
-        return ImageList(root, tuple(found), (-1,) * len(found), (), "unlabeled")
+    if not any("/" in p for p in found):
+        return ImageList(root, tuple(found), (-1,) * len(found), (), "unlabeled", tuple(unusable))
+    # Every top-level folder is a class, even one without images: dropping it would shift
+    # the index of every class after it, so labels would not mean the same in two runs.
+    # A folder whose name is not UTF-8 cannot be stored as a class name (its images are
+    # in `unusable`).
+    class_names = tuple(sorted(d for d in top_folders if _is_utf8(d)))
     index = {name: i for i, name in enumerate(class_names)}
     labels = tuple(index[p.split("/", 1)[0]] if "/" in p else -1 for p in found)
+    used = {p.split("/", 1)[0] for p in found if "/" in p}
+    # The walk does not follow symlinked folders, so a symlinked class shows up empty: say so.
+    empty = [name + (" (a symlink, not followed)" if (root / name).is_symlink() else "")
+             for name in class_names if name not in used]
+    if empty:
+        logger.warning(
+            "%d class folder(s) of %s hold no images, kept as classes so that the classes "
+            "after them keep their index: %s", len(empty), root, ", ".join(empty),
+        )
     n_loose = labels.count(-1)
     if n_loose:
         logger.warning(
             "%d image(s) lie directly in %s, outside the class folders: kept as unlabeled (label -1)",
             n_loose, root,
         )
-    return ImageList(root, tuple(found), labels, class_names, "imagefolder")
+    return ImageList(root, tuple(found), labels, class_names, "imagefolder", tuple(unusable))
 
 
-def _walk_images(root: Path):
-    """Yield posix paths, relative to root, of the image files under root."""
+def _walk_images(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(posix paths relative to root of the image files under root, (printable path, reason)
+    of those whose path is not valid UTF-8, names of root's non-hidden sub-folders)."""
     def on_error(err: OSError) -> None:
-        logger.warning("skipped unreadable folder %s: %s", err.filename, err.strerror)
+        logger.warning("skipped unreadable folder %s: %s", _printable(str(err.filename)), err.strerror)
 
+    found: list[str] = []
+    unusable: list[tuple[str, str]] = []
+    top_folders: list[str] | None = None
     # followlinks=False: a symlinked folder cannot make the walk loop forever.
     for folder, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if top_folders is None:  # the first folder walked is root itself
+            top_folders = list(dirnames)
         rel = Path(folder).relative_to(root)
         for name in filenames:
-            if not name.startswith(".") and _is_image_file(Path(folder, name)):
-                yield (rel / name).as_posix()
+            if name.startswith(".") or not _is_image_file(Path(folder, name)):
+                continue
+            path = (rel / name).as_posix()
+            if _is_utf8(path):
+                found.append(path)
+            else:
+                unusable.append((_printable(path), "file or folder name is not valid UTF-8: rename it"))
+    return found, unusable, top_folders or []
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a str holding surrogate escapes (undecodable bytes of a file name or list)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """`text` with each byte that is not UTF-8 shown as \\xNN (other lone surrogates as \\udNNN)."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # back to the bytes on disk or in the list
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _warn_unusable(source: Path, unusable: list[tuple[str, str]]) -> None:
+    if not unusable:
+        return
+    shown = "; ".join(f"{path} ({reason})" for path, reason in unusable[:_NAMES_SHOWN])
+    more = f"; and {len(unusable) - _NAMES_SHOWN} more" if len(unusable) > _NAMES_SHOWN else ""
+    logger.warning("%d image(s) of %s skipped: %s%s", len(unusable), source, shown, more)
 
 
 def _is_image_file(path: Path) -> bool:
@@ -144,7 +245,8 @@ def _is_image_file(path: Path) -> bool:
 
 def _has_image_signature(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        # Checked again on open: the file may have been swapped for a FIFO since the stat.
+        with _open_regular(path) as f:
             head = f.read(_SNIFF_BYTES)
     except OSError:
         return False
@@ -158,8 +260,15 @@ def _has_image_signature(path: Path) -> bool:
 
 
 def _read_list_file(list_file: Path) -> ImageList:
-    rows = _parse_list_rows(list_file)
+    rows, unusable = _parse_list_rows(list_file)
+    unusable.sort()
+    _warn_unusable(list_file, unusable)
     if not rows:
+        if unusable:
+            raise UserError(
+                f"list file {list_file} has no usable rows: the paths or labels of its "
+                f"{len(unusable)} rows are not valid UTF-8 (first: {unusable[0][0]}): save it as UTF-8"
+            )
         raise UserError(f"list file {list_file} has no rows: add one `path[,label]` row per image")
     _check_unique(list_file, rows)
     rows.sort(key=lambda r: r[1])
@@ -171,24 +280,64 @@ def _read_list_file(list_file: Path) -> ImageList:
         labels=tuple(index[label] if label else -1 for _, _, label in rows),
         class_names=class_names,
         kind="list",
+        unusable=tuple(unusable),
     )
 
 
-def _parse_list_rows(list_file: Path) -> list[tuple[int, str, str]]:
-    """Rows as (line number, posix path, label string or "")."""
+def _parse_list_rows(list_file: Path) -> tuple[list[tuple[int, str, str]], list[tuple[str, str]]]:
+    """Rows as (line number, posix path, label string or ""), and (printable path, reason)
+    of the rows whose path or label is not valid UTF-8."""
     delimiter = "\t" if list_file.suffix.lower() == ".tsv" else ","
-    rows: list[tuple[int, str, str]] = []
+    table: list[tuple[int, list[str]]] = []
     # utf-8-sig: spreadsheet exports often start with a BOM that would glue onto the first path.
-    with open(list_file, newline="", encoding="utf-8-sig") as f:
+    # surrogateescape: a byte that is not UTF-8 spoils its own row only, not the whole list.
+    with open(list_file, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter)
         for cells in reader:
             cells = [c.strip() for c in cells]
-            if not any(cells):
-                continue
-            if not rows and cells[0].lower() == "path":
-                continue  # header
-            rows.append(_parse_list_row(list_file, reader.line_num, cells))
-    return rows
+            if any(cells):
+                table.append((reader.line_num, cells))
+    if table and _is_header(list_file, table):
+        table = table[1:]
+    rows: list[tuple[int, str, str]] = []
+    unusable: list[tuple[str, str]] = []
+    for line, cells in table:
+        row = _parse_list_row(list_file, line, cells)
+        if not _is_utf8(row[1]):
+            unusable.append((_printable(row[1]), f"file name on line {line} is not valid UTF-8"))
+        elif not _is_utf8(row[2]):
+            unusable.append((row[1], f"label {_printable(row[2])} on line {line} is not valid UTF-8"))
+        else:
+            rows.append(row)
+    return rows, unusable
+
+
+def _is_header(list_file: Path, table: list[tuple[int, list[str]]]) -> bool:
+    """Whether the first row names the columns instead of an image.
+
+    Never when its first cell names an existing file or has an image extension: a row
+    that points at a real image is data, even for an image called "path". Otherwise it is
+    a header when it uses a usual column name (path, filename, image, ... first, or label,
+    class, ... second), or, whatever the names, when the rows after it all name existing
+    files and it has no folder in it: a column title, not one lost image among present ones.
+    """
+    cells = table[0][1]
+    first = cells[0]
+    if not first or Path(first).suffix.lower() in IMAGE_EXTENSIONS or _names_file(list_file, first):
+        return False
+    if first.lower() in _PATH_COLUMNS or (len(cells) > 1 and cells[1].lower() in _LABEL_COLUMNS):
+        return True
+    after = [c[0] for _, c in table[1:1 + _HEADER_LOOKAHEAD] if c[0]]
+    if "/" in first or "\\" in first or not after or not all(_names_file(list_file, p) for p in after):
+        return False
+    logger.warning("%s: first row %r taken as a header: it names no file and the rows after it do",
+                   list_file, _printable(",".join(cells)))
+    return True
+
+
+def _names_file(list_file: Path, cell: str) -> bool:
+    # lexists: a dangling symlink is still an entry the user listed (reported bad at decode).
+    return os.path.lexists(list_file.parent / cell)
 
 
 def _parse_list_row(list_file: Path, line: int, cells: list[str]) -> tuple[int, str, str]:
@@ -216,41 +365,89 @@ def _check_unique(list_file: Path, rows: list[tuple[int, str, str]]) -> None:
 # reading and decoding
 
 def file_digest(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks.
 
-
-def read_image(path: Path) -> tuple[Image.Image, str]:
-    """Read a file once; return (RGB image, SHA-256 hex of the bytes decoded).
-
-    Raises BadImageError for files that cannot be read or decoded.
+    Raises OSError when the file cannot be read, NotRegularFileError (an OSError) without
+    blocking or reading when it is a FIFO, device or socket.
     """
-    data = _read_bytes(Path(path))
-    return decode_image(data), hashlib.sha256(data).hexdigest()
+    with _open_regular(path) as f:
+        return _hash_file(f)[0]
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        # O_NONBLOCK: opening a FIFO that nobody writes to must not hang the run.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise BadImageError(f"unreadable: {e.strerror or e}") from e
+def _open_regular(path: Path) -> io.BufferedReader:
+    """Open a regular file for reading; refuse anything else before reading a byte.
+
+    A FIFO with no writer would block the open forever and /dev/zero never ends, so the
+    open is non-blocking and the type is checked on the open descriptor, which also
+    leaves no gap for the path to be swapped between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_BINARY)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise BadImageError(f"unreadable: {os.strerror(errno.EISDIR)}")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(mode):
-            raise BadImageError("unreadable: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)  # a regular file: plain blocking reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _hash_file(f: io.BufferedReader) -> tuple[str, int]:
+    """(SHA-256 hex, byte count) of `f` from its current position to its end."""
+    h = hashlib.sha256()
+    buf = bytearray(_BLOCK)  # one buffer reused: memory stays at 1 MiB whatever the file size
+    view = memoryview(buf)
+    size = 0
+    while n := f.readinto(buf):
+        h.update(view[:n])
+        size += n
+    return h.hexdigest(), size
+
+
+def _fingerprint(f: io.BufferedReader) -> tuple[int, int]:
+    st = os.fstat(f.fileno())
+    return st.st_size, st.st_mtime_ns
+
+
+def read_image(path: Path) -> tuple[Image.Image, str]:
+    """Open a file once; return (RGB image, SHA-256 hex of the bytes decoded).
+
+    The file is hashed in blocks, then decoded from the same open file, so neither step
+    holds the whole file in memory. Raises BadImageError for files that cannot be read or
+    decoded; its `digest` is set when the bytes were read.
+    """
+    try:
+        f = _open_regular(Path(path))
     except OSError as e:
         raise BadImageError(f"unreadable: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
+    with f:
+        for _ in range(_READ_ATTEMPTS):
+            # Hashing and decoding read the file twice: an unchanged size and mtime across
+            # both shows they read the same bytes (a replaced file cannot interfere: this
+            # descriptor keeps the old one). A file rewritten meanwhile is read again.
+            before = _fingerprint(f)
+            try:
+                f.seek(0)
+                digest, size = _hash_file(f)
+                f.seek(0)
+            except OSError as e:
+                raise BadImageError(f"unreadable: {e.strerror or e}") from e
+            try:
+                if size == 0:
+                    raise BadImageError("empty file")
+                img = _decode(f)
+            except BadImageError as e:
+                if _fingerprint(f) != before:
+                    continue
+                e.digest = digest
+                raise
+            if _fingerprint(f) == before:
+                return img, digest
+    raise BadImageError(f"file kept changing while being read ({_READ_ATTEMPTS} tries)")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -261,17 +458,35 @@ def decode_image(data: bytes) -> Image.Image:
     """
     if not data:
         raise BadImageError("empty file")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(fp) -> Image.Image:
+    """decode_image from a binary file object positioned at the image's first byte."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; both are bombs here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(fp) as img:  # reads the header only
+                _check_size(*img.size)
                 img.load()  # decode now, inside the guard, so truncation raises here
                 return _to_rgb(_exif_upright(img))
+    except BadImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(_bomb_reason(e)) from e
     except _DECODE_ERRORS as e:
         raise BadImageError(_decode_reason(e)) from e
+
+
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < 1:
+        raise BadImageError(f"unusable size {width}x{height} pixels: an empty side")
+    if max(width, height) > _MAX_ASPECT * min(width, height):
+        raise BadImageError(
+            f"unusable size {width}x{height} pixels: aspect ratio above {_MAX_ASPECT}:1")
+    if max(width, height) > _MAX_SIDE:
+        raise BadImageError(f"unusable size {width}x{height} pixels: a side above {_MAX_SIDE}")
 
 
 def _bomb_reason(err: Exception) -> str:

@@ -13,6 +13,7 @@ and resizes it itself. Bad images are reported with their reason and skipped, ne
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     if config.top_k < 1 or config.batch_size < 1:
         raise UserError(f"top-k and batch size must be at least 1, got {config.top_k} and "
                          f"{config.batch_size}")
-    images = _collect(inputs)
+    images, unnamed = _collect(inputs)
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     names = model.class_names
@@ -78,7 +79,7 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     loader = DataLoader(ImageBatches(images, TF.pil_to_tensor if pixels else model.preprocessing),
                         batch_sampler=batches,
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda")
-    predictions, blocks, skipped = [], [], []
+    predictions, blocks, skipped = [], [], list(unnamed)
     with progress(n, "predict", config.progress) as bar:
         for batch in loader:
             skipped += [(path, reason) for path, _, reason in batch["errors"]]
@@ -94,9 +95,11 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
                          time.perf_counter() - t0)
 
 
-def _collect(inputs) -> ImageList:
-    """One ImageList of every image named by `inputs`, paths as the user would write them."""
+def _collect(inputs) -> tuple[ImageList, list[tuple[str, str]]]:
+    """One ImageList of every image named by `inputs`, paths as the user would write them, and
+    (path, reason) of the files that cannot even be named (file names that are not UTF-8)."""
     paths: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for arg in inputs:
         p = Path(arg).expanduser()
         if not p.exists():
@@ -106,12 +109,24 @@ def _collect(inputs) -> ImageList:
             found = find_images(p)
             base = p if p.is_dir() else p.parent     # list paths are relative to the list's folder
             paths += [(base / rel).as_posix() for rel in found.paths]
+            skipped += [((base / rel).as_posix(), reason) for rel, reason in found.unusable]
+        elif not _utf8(p.as_posix()):
+            skipped.append((os.fsencode(p).decode("utf-8", "backslashreplace"),
+                            "file name is not valid UTF-8: rename it"))
         else:
             paths.append(p.as_posix())               # decoded as given; a non-image is reported
     if not paths:
-        raise UserError("no images given: pass image files or folders")
+        raise UserError("no usable images given: pass image files or folders")
     # Relative paths resolve against the working directory, absolute ones stay as they are.
-    return ImageList(Path.cwd(), tuple(paths), (-1,) * len(paths), (), "list")
+    return ImageList(Path.cwd(), tuple(paths), (-1,) * len(paths), (), "list"), skipped
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

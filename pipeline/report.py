@@ -39,6 +39,7 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache.store import CacheReader
 
+from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, csv_value
 from .config import ReportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
@@ -48,10 +49,6 @@ FIGURES = {"learning_curves": "Learning curves",
            "hyperparameters": "Validation accuracy by hyper-parameter",
            "confusion_matrix": "Confusion matrix of the best head",
            "misclassified": "Most confident mistakes of the best head"}
-# Sweep axes as results.csv names them, in the order TrainConfig lists them.
-_AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
-         "label_smoothing", "seed", "C")
-_TEXT = ("run_id", "head", "hidden", "activation", "optimizer", "path")
 _COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green"}
 _GRID = "misclassified grid: "     # notes about the grid start so (the figure repeats them)
 _THUMB = 256          # pixels: larger images are shrunk before they go into the grid
@@ -125,7 +122,7 @@ def _read_sweep(runs_dir: Path, notes: list) -> tuple[list[dict], dict]:
         raise UserError(f"no results.csv in {runs_dir}: pass the folder that `pipeline "
                          "train-head -o RUNS_DIR` wrote")
     with open(csv_path, newline="") as f:
-        rows = [{k: _value(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: csv_value(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows:
         raise UserError(f"{csv_path} lists no runs: run `pipeline train-head` again")
     rows.sort(key=lambda r: r.get("rank") or math.inf)
@@ -139,15 +136,6 @@ def _read_sweep(runs_dir: Path, notes: list) -> tuple[list[dict], dict]:
             notes.append(f"run {r['run_id']} has no readable head.json/metrics.json in "
                          f"{run_dir}: left out of the curves")
     return rows, runs
-
-
-def _value(key: str, text: str | None):
-    if text is None or text == "":
-        return None
-    if key in _TEXT:
-        return text
-    number = float(text)
-    return int(number) if key in ("rank", "seed", "epochs_run", "best_epoch") else number
 
 
 def _count(n: int, thing: str) -> str:
@@ -211,7 +199,7 @@ def _learning_curves(rows: list[dict], runs: dict) -> Figure:
 
 def _hyperparameters(rows: list[dict]) -> Figure:
     metric = "val_acc" if any(r.get("val_acc") is not None for r in rows) else "train_acc"
-    swept = [a for a in _AXES if len({r[a] for r in rows if r.get(a) is not None}) > 1]
+    swept = [a for a in AXES if len({r[a] for r in rows if r.get(a) is not None}) > 1]
     swept = swept or ["head"]
     cols = min(3, len(swept))
     nrows = math.ceil(len(swept) / cols)
@@ -339,8 +327,13 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
         notes.append(_GRID + "the sweep had no validation data (train with --val or "
                      "--val-fraction > 0)")
         return None, np.empty(0, np.int64)
-    split = source.startswith("hash split")
-    path = Path(config.cache or (meta["cache"]["path"] if split else source))
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind not in (VAL_HASH_SPLIT, VAL_CACHE):
+        notes.append(f"{_GRID}head.json does not say where the validation rows came from in a "
+                     f"form this report reads ({source!r}): re-run train-head to record it")
+        return None, np.empty(0, np.int64)
+    split = kind == VAL_HASH_SPLIT
+    path = Path(config.cache or (meta["cache"]["path"] if split else source["path"]))
     try:
         reader = CacheReader(path, allow_incomplete=bool(meta["config"].get("allow_incomplete")))
     except ValueError as e:
@@ -355,7 +348,7 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
         notes.append(f"{_GRID}{path} holds other features than the head was trained on "
                      f"({'; '.join(diff)}); pass --cache with the cache the sweep used")
         return None, np.empty(0, np.int64)
-    rows = (validation_rows(reader.paths, reader.labels, meta["config"]["val_fraction"])
+    rows = (validation_rows(reader.paths, reader.labels, source["fraction"])
             if split else np.flatnonzero(reader.labels >= 0))
     expected = (meta.get("data") or {}).get("val_rows")
     if expected is not None and expected != len(rows):
@@ -421,7 +414,8 @@ def _load_images(reader: CacheReader, rows, order, labels, pred, confidence, nam
 def _markdown(runs_dir: Path, rows: list[dict], best_run: dict | None, figures: dict,
               notes: list, config: ReportConfig) -> str:
     best = rows[0]
-    ranked = "validation accuracy" if best.get("val_acc") is not None else "training loss"
+    ranked = ("validation accuracy" if best.get("val_acc") is not None else
+              "log loss on the training rows (no validation data)")
     lines = [f"# Sweep report: {runs_dir}", "",
              f"{len(rows)} runs, ranked by {ranked}. Best: `{best['run_id']}`"
              + "".join(f", {title} {best[k]:.4f}" for k, title in

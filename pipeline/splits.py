@@ -18,6 +18,7 @@ def hash_split(paths: list[str], fraction: float) -> np.ndarray:
 
 def validation_rows(paths: list[str], labels: np.ndarray, fraction: float) -> np.ndarray:
     """(V,) sorted rows of a train cache that `train_head` holds out for validation when no val
-    cache is given: the labeled rows whose path hashes below `fraction` (head.json's
-    data.val says "hash split of the train cache"). For reports that recompute predictions."""
+    cache is given: the labeled rows whose path hashes below `fraction` (head.json's data.val
+    is then {"kind": "hash_split", "fraction": fraction}). For reports that recompute
+    predictions."""
     return np.flatnonzero((np.asarray(labels) >= 0) & hash_split(list(paths), fraction))

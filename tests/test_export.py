@@ -47,7 +47,7 @@ def work(tmp_path_factory):
     extract(images, cache, ExtractConfig(weights="none", image_size=32, workers=0, progress=False))
     summary = train_head(cache, root / "runs", TrainConfig(
         head=("linear", "mlp", "logreg"), hidden=((16,),), epochs=2, val_fraction=0.25))
-    runs = {r["head"]: r["path"] for r in summary["leaderboard"]}
+    runs = {r["head"]: r["path"] for r in summary.leaderboard}
     return {"root": root, "cache": cache, "runs": runs}
 
 

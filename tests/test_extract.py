@@ -1,13 +1,19 @@
 """extract(): cached features equal a direct forward pass; resume, incremental updates, guards."""
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -19,6 +25,7 @@ from torchvision.transforms._presets import ImageClassification
 from cache.store import CacheReader, partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
+from pipeline._progress import progress
 from pipeline.backbone import state_dict_sha256
 
 from .conftest import make_folder
@@ -112,15 +119,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, commits, delay):
     out = tmp_path / "c.h5"
     _kill_after(_extract_cmd(src, out), commits, delay)
     assert not out.exists()   # only complete caches carry the final name
-    held = 0
+    held = held_rows = 0
     if partial_path(out).exists():
         with CacheReader(partial_path(out), allow_incomplete=True) as r:
-            held = r.n_rows + len(r.errors)
+            held, held_rows = r.n_rows + len(r.errors), r.n_rows
             assert not r.complete
         if commits:
             assert held >= 4 * commits   # every acknowledged batch survived
     summary = extract(src, out, CFG)
-    assert summary.computed == 25 - held   # nothing committed is computed again
+    # Nothing committed is computed again; broken.png is skipped, never counted as computed.
+    assert summary.computed == 24 - held_rows and len(summary.bad) == 1
     got, want = read(out), read(ref)
     np.testing.assert_array_equal(got[0], want[0])   # bit-identical on the CPU
     assert got[1:4] == want[1:4]
@@ -158,6 +166,106 @@ def test_incremental_after_kill_of_an_update(folder, tmp_path):
     fresh = tmp_path / "fresh.h5"
     extract(folder, fresh, CFG)
     np.testing.assert_allclose(read(out)[0], read(fresh)[0], rtol=1e-5, atol=1e-6)
+
+
+class _FailOnSecondBatch(torch.nn.Module):
+    """Wraps the backbone; its second forward pass raises, as an out-of-memory error would."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("simulated failure in batch 2")
+        return self.inner(x)
+
+
+def test_failed_runs_stop_the_committer_and_keep_committed_batches(folder, tmp_path, monkeypatch):
+    module = sys.modules["pipeline.extract"]
+    build = module._build
+
+    def failing_build(config):
+        model, info = build(config)
+        return _FailOnSecondBatch(model), info
+    monkeypatch.setattr(module, "_build", failing_build)
+    cfg = ExtractConfig(**{**CFG.__dict__, "batch_size": 2})
+    out = tmp_path / "c.h5"
+    for run in (1, 2, 3):   # each run commits one more batch of 2, then fails
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            extract(folder, out, cfg)
+        assert [t for t in threading.enumerate() if t.name == "extract-committer"] == []
+        with CacheReader(partial_path(out), allow_incomplete=True) as r:
+            assert r.n_rows == 2 * run and not r.complete
+            assert r.paths == [f"cat/{i:03d}.png" for i in range(2 * run)]
+    monkeypatch.undo()
+    summary = extract(folder, out, cfg)
+    assert (summary.computed, summary.reused, summary.rows) == (6, 6, 12)
+    extract(folder, tmp_path / "fresh.h5", cfg)
+    got, want = read(out), read(tmp_path / "fresh.h5")
+    np.testing.assert_array_equal(got[0], want[0])   # resumed three times, still bit-identical
+    assert got[1:4] == want[1:4]
+
+
+def _open_hdf5_files() -> list[Path]:
+    return [Path(i.name.decode()).resolve()
+            for i in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)]
+
+
+def test_damaged_partial_is_refused_and_the_cache_closed(folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(folder, out, CFG)
+    before = out.read_bytes()
+    partial_path(out).write_bytes(b"\x89HDF\r\n\x1a\n damaged by a full disk")
+    with pytest.raises(ValueError, match="c.h5.partial exists") as failure:
+        extract(folder, out, CFG)
+    # `failure` keeps the failed call's frames alive, as a debugger or a logged traceback
+    # would: a reader left open in them would still hold the file.
+    assert failure.traceback and out.resolve() not in _open_hdf5_files()
+    assert out.read_bytes() == before
+    h5py.File(out, "a").close()   # HDF5 refuses to open for writing a file a reader holds
+
+
+def test_summary_counts_exclude_images_that_failed(folder, tmp_path, monkeypatch):
+    # A clock that advances 1 s a call: extract reads it before and after computing, so the
+    # compute phase lasts exactly 1 s and images/s equals the images computed.
+    clock = itertools.count()
+    monkeypatch.setattr(sys.modules["pipeline.extract"], "time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    (folder / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    out = tmp_path / "c.h5"
+    first = extract(folder, out, CFG)
+    assert (first.rows, first.computed, first.reused, len(first.bad)) == (12, 12, 0, 1)
+    assert first.images_per_s == 12.0 and first.bad[0][0] == "cat/broken.png"
+    assert "12 rows (12 computed, 0 reused, 0 dropped), 1 skipped images" in first.line()
+    make_folder(folder, classes=("emu",), per_class=1, seed=5)
+    (folder / "dog" / "empty.png").write_bytes(b"")
+    second = extract(folder, out, CFG)
+    assert (second.rows, second.computed, second.reused, len(second.bad)) == (13, 1, 12, 2)
+    assert second.images_per_s == 1.0
+    assert sorted(p for p, _ in second.bad) == ["cat/broken.png", "dog/empty.png"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("enabled, terminal, shown", [
+    (None, True, True), (None, False, False), (True, False, True), (False, True, False)])
+def test_progress_bar_on_stderr(monkeypatch, enabled, terminal, shown):
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress(8, "extract", enabled) as bar:
+        bar.update(3)
+        bar.refresh()
+        bar.update(5)
+    text = err.getvalue()
+    assert bool(text) is shown
+    if shown:   # count, images/s and elapsed<remaining (the ETA)
+        assert re.search(r"extract: +38%.* 3/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s\]", text)
+        assert re.search(r"8/8 \[", text)
 
 
 @pytest.mark.parametrize("change, words", [

@@ -1,12 +1,15 @@
 """pipeline.heads: a stack of K heads trains exactly like K separate torch.optim runs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.heads import HeadStack, StackedOptimizer, build_head, load_head, save_head
+from pipeline.config import ACTIVATIONS, OPTIMIZERS
+from pipeline.heads import (HeadStack, StackedOptimizer, build_head, fold_standardization,
+                            load_head, save_head)
 
 D, C, B = 12, 5, 8
 
@@ -111,6 +114,33 @@ def test_saved_head_loads_back_weights_only(tmp_path):
     linear, _ = load_head(save_head(tmp_path / "lin", HeadStack(D, C, [0]).head_state(0),
                                     {"kind": "linear", "in_dim": D, "n_classes": C}) / "head.pt")
     assert isinstance(linear, nn.Linear)
+
+
+def test_fold_standardization_makes_a_layer_on_raw_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 0.05 + 3       # (B, D) raw
+    mean, std = x.mean(0), x.std(0)
+    w = torch.randn(4, C, D, generator=g, dtype=torch.float64)             # 4 stacked heads
+    b = torch.randn(4, C, generator=g, dtype=torch.float64)
+    on_standardized = torch.einsum("bd,kcd->bkc", (x - mean) / std, w) + b
+    w2, b2 = fold_standardization(w, b, mean, std)
+    torch.testing.assert_close(torch.einsum("bd,kcd->bkc", x, w2) + b2, on_standardized)
+    # numpy arrays (logreg's coef_ and intercept_) fold the same way
+    w3, b3 = fold_standardization(w[0].numpy(), b[0].numpy(), mean.numpy(), std.numpy())
+    np.testing.assert_allclose(w3, w2[0].numpy())
+    np.testing.assert_allclose(b3, b2[0].numpy())
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_configured_activation_trains_and_saves(activation, tmp_path):
+    stack = HeadStack(D, C, seeds=[0], hidden=(5,), activation=activation)
+    meta = {"kind": "mlp", "in_dim": D, "n_classes": C, "hidden": [5], "activation": activation}
+    module, _ = load_head(save_head(tmp_path / activation, stack.head_state(0), meta))
+    x = torch.randn(B, D)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), stack.forward(x)[:, 0])
+    for kind in OPTIMIZERS:
+        StackedOptimizer(stack.params, kind, [0.1], [0.0])          # every one is accepted
 
 
 def test_bad_inputs_are_refused(tmp_path):

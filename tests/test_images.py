@@ -82,11 +82,37 @@ def test_imagefolder_classes_labels_and_sorted_paths(image_folder: Path, caplog)
         images = find_images(image_folder)
     assert images.kind == "imagefolder"
     assert images.root == image_folder.resolve()
-    assert images.class_names == ("cat", "dog")
+    assert images.class_names == ("cat", "dog", "empty_class")  # kept, though it has no image
     assert images.paths == ("cat/a.png", "cat/sub/deep/b.jpg", "dog/c.bmp", "dog/photo", "loose.png")
     assert images.labels == (0, 0, 1, 1, -1)
     assert images.absolute(1) == image_folder.resolve() / "cat" / "sub" / "deep" / "b.jpg"
+    assert images.unusable == ()
     assert "1 image(s) lie directly in" in caplog.text
+    assert "hold no images, kept as classes" in caplog.text and "empty_class" in caplog.text
+
+
+def test_empty_class_folder_is_kept_so_later_indices_do_not_shift(tmp_path: Path, caplog):
+    _save(tmp_path / "a" / "1.png")
+    (tmp_path / "b").mkdir()
+    _save(tmp_path / "c" / "2.png")
+    _save(tmp_path / "c" / "3.png")
+    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+        images = find_images(tmp_path)
+    assert images.class_names == ("a", "b", "c")
+    assert images.paths == ("a/1.png", "c/2.png", "c/3.png")
+    assert images.labels == (0, 2, 2)
+    assert "1 class folder(s) of" in caplog.text and caplog.text.rstrip().endswith("their index: b")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_symlinked_class_folder_is_kept_and_named_in_the_warning(tmp_path: Path, caplog):
+    _save(tmp_path / "elsewhere" / "x.png")
+    _save(tmp_path / "data" / "a" / "1.png")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b")
+    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+        images = find_images(tmp_path / "data")
+    assert images.class_names == ("a", "b") and images.paths == ("a/1.png",)
+    assert "their index: b (a symlink, not followed)" in caplog.text
 
 
 def test_imagefolder_is_deterministic(image_folder: Path):
@@ -188,6 +214,51 @@ def test_csv_with_header_relative_absolute_and_empty_labels(tmp_path: Path):
     assert images.class_names == ("cat", "dog")
     assert images.absolute(0) == elsewhere  # absolute entries stay absolute
     assert images.absolute(1) == list_file.parent.resolve() / "imgs" / "a.png"
+
+
+@pytest.mark.parametrize("header", ["filename,class", "image,label", "FILE_NAME,Category",
+                                    "img,y", "path", "picture,label"])
+def test_csv_header_with_usual_column_names_is_skipped(tmp_path: Path, header: str):
+    list_file = tmp_path / "list.csv"
+    list_file.write_text(f"{header}\nb.png,dog\na.png,cat\n")  # the images need not exist
+    images = find_images(list_file)
+    assert images.paths == ("a.png", "b.png")
+    assert images.class_names == ("cat", "dog") and images.labels == (0, 1)
+
+
+def test_csv_header_with_other_names_is_skipped_when_the_rows_after_it_exist(tmp_path: Path, caplog):
+    _save(tmp_path / "a.png")
+    _save(tmp_path / "b.png")
+    list_file = tmp_path / "list.csv"
+    list_file.write_text("fname,species\na.png,cat\nb.png,dog\n")
+    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+        images = find_images(list_file)
+    assert images.paths == ("a.png", "b.png") and images.class_names == ("cat", "dog")
+    assert "first row 'fname,species' taken as a header" in caplog.text
+    (tmp_path / "b.png").unlink()  # now the rows after it do not all exist: it is data
+    images = find_images(list_file)
+    assert images.paths == ("a.png", "b.png", "fname")
+    assert images.class_names == ("cat", "dog", "species")
+
+
+def test_csv_first_row_naming_a_real_file_is_never_a_header(tmp_path: Path):
+    (tmp_path / "imgs").mkdir()
+    _save(tmp_path / "imgs" / "path", fmt="PNG")  # an extension-less image called "path"
+    _save(tmp_path / "imgs" / "b.png")
+    list_file = tmp_path / "imgs" / "list.csv"
+    list_file.write_text("path,cat\nb.png,dog\n")
+    images = find_images(list_file)
+    assert images.paths == ("b.png", "path")
+    assert images.class_names == ("cat", "dog") and images.labels == (1, 0)
+    img, _ = read_image(images.absolute(1))
+    assert img.size == (4, 3)
+
+
+def test_csv_first_row_with_an_image_extension_is_never_a_header(tmp_path: Path):
+    _save(tmp_path / "a.png")
+    list_file = tmp_path / "list.csv"
+    list_file.write_text("missing.png,label\na.png,cat\n")  # a lost image, reported at decode
+    assert find_images(list_file).paths == ("a.png", "missing.png")
 
 
 def test_csv_without_header_and_unlabeled(tmp_path: Path):

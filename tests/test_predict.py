@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     cache = root / "train.h5"
     extract(images, cache, ExtractConfig(weights="none", layer="pool5", image_size=32, workers=0,
                                          progress=False))
-    run = train_head(cache, root / "runs", TrainConfig(epochs=2, val_fraction=0.3))["best_path"]
+    run = train_head(cache, root / "runs", TrainConfig(epochs=2, val_fraction=0.3)).best_path
     model = root / "model.pt2"
     summary = export(run, model, ExportConfig())
     return {"root": root, "images": images, "cache": cache, "run": run, "model": model,

@@ -7,6 +7,7 @@ image files, so the grid of mistakes can load them through the manifest's source
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache.store import CacheReader, CacheWriter, partial_path
+from cache.store import CacheReader
 from cli.main import main
 from pipeline.config import ReportConfig, TrainConfig
 from pipeline.heads import load_head
@@ -23,31 +24,24 @@ from pipeline.report import FIGURES, report
 from pipeline.splits import validation_rows
 from pipeline.train_head import train_head
 
+from ._caches import make_cache
 from .conftest import make_folder
 
 CLASSES = ("cat", "dog", "owl")
-MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "ab" * 32,
-            "layer": "classifier.4", "layer_alias": "fc7", "precision": "float32",
-            "preprocessing": {"resize_size": 37, "crop_size": 32, "mean": [0.5] * 3,
-                              "std": [0.2] * 3}}
 SWEEP = dict(head=("linear", "mlp", "logreg"), hidden=((8,),), lr=(1e-2, 1e-1),
              dropout=(0.0, 0.5), C=(0.1, 1.0), epochs=4, batch_size=8)   # 4 + 4 + 2 heads
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_cache(path, root, seed=0, dim=12, noise=1.6):
+def cache_over_images(path, root, seed=0, dim=12, noise=1.6):
     """A complete cache over the images under `root`: Gaussian clusters by class, noisy enough
     that a head gets some rows wrong."""
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     labels = np.array([CLASSES.index(f.split("/")[0]) for f in files])
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(len(CLASSES), dim))[labels] + noise * rng.normal(size=(len(files), dim))
-    manifest = {**MANIFEST, "feature_dim": dim, "dtype": "float32", "class_names": list(CLASSES),
-                "source_root": str(root)}
-    writer = CacheWriter.create(partial_path(path), manifest)
-    writer.commit(x.astype(np.float32), labels.tolist(), files,
-                  [file_digest(root / f) for f in files])
-    return writer.finish(path)
+    return make_cache(path, x, labels, files, CLASSES, source_root=str(root),
+                      digests=[file_digest(root / f) for f in files])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def sweep(tmp_path_factory):
     """(runs dir, train cache, image root) of a 10-head sweep validated on a hash split."""
     tmp = tmp_path_factory.mktemp("sweep")
     root = make_folder(tmp / "images", CLASSES, per_class=16, size=(20, 20))
-    cache = make_cache(tmp / "train.h5", root)
+    cache = cache_over_images(tmp / "train.h5", root)
     train_head(cache, tmp / "runs", TrainConfig(**SWEEP, val_fraction=0.3))
     return tmp / "runs", cache, root
 
@@ -109,9 +103,10 @@ def test_the_mistakes_are_the_best_heads_own_on_train_heads_validation_rows(swee
     meta = json.loads((run_dir / "head.json").read_text())
     recorded = np.array(json.loads((run_dir / "metrics.json").read_text())["val"]
                         ["confusion_matrix"])
+    assert meta["data"]["val"] == {"kind": "hash_split", "fraction": 0.3}
     # The recomputed split is the one train_head validated on: same rows, same predictions.
     with CacheReader(cache) as r:
-        rows = validation_rows(r.paths, r.labels, meta["config"]["val_fraction"])
+        rows = validation_rows(r.paths, r.labels, meta["data"]["val"]["fraction"])
         x, y = torch.from_numpy(r.read_rows(rows)), r.labels[rows]
     assert len(rows) == meta["data"]["val_rows"] == recorded.sum()
     head, _ = load_head(run_dir)
@@ -127,10 +122,12 @@ def test_the_mistakes_are_the_best_heads_own_on_train_heads_validation_rows(swee
 def test_a_separate_val_cache_is_used_for_the_mistakes(tmp_path):
     train_root = make_folder(tmp_path / "train", CLASSES, per_class=10, size=(20, 20))
     val_root = make_folder(tmp_path / "val", CLASSES, per_class=8, size=(20, 20), seed=1)
-    train, val = make_cache(tmp_path / "t.h5", train_root), make_cache(tmp_path / "v.h5", val_root,
-                                                                       seed=0, noise=2.5)
+    train = cache_over_images(tmp_path / "t.h5", train_root)
+    val = cache_over_images(tmp_path / "v.h5", val_root, seed=0, noise=2.5)
     train_head(train, tmp_path / "runs", TrainConfig(**SWEEP), val_path=val)
     _, run_dir = best_run(tmp_path / "runs")
+    meta = json.loads((run_dir / "head.json").read_text())
+    assert meta["data"]["val"] == {"kind": "cache", "path": str(val.resolve())}
     cm = np.array(json.loads((run_dir / "metrics.json").read_text())["val"]["confusion_matrix"])
     assert cm.sum() == 24
     summary = report(tmp_path / "runs", config=ReportConfig(misclassified=100))
@@ -166,15 +163,28 @@ def test_a_missing_cache_leaves_the_other_figures(sweep, tmp_path):
 
 def test_a_cache_of_other_features_is_not_used(sweep, tmp_path):
     runs, _, root = sweep
-    other = make_cache(tmp_path / "other.h5", root, dim=5)
+    other = cache_over_images(tmp_path / "other.h5", root, dim=5)
     summary = report(runs, tmp_path / "r", ReportConfig(cache=str(other)))
     assert summary.misclassified == 0
     assert any("other features" in n and "feature_dim: 12 vs 5" in n for n in summary.notes)
 
 
+def test_a_validation_source_it_cannot_read_is_said_not_guessed(sweep, tmp_path):
+    runs, _, _ = sweep
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    best, run_dir = best_run(copy)
+    meta = json.loads((run_dir / "head.json").read_text())
+    meta["data"]["val"] = "hash split of the train cache, fraction 0.3"    # free text
+    (run_dir / "head.json").write_text(json.dumps(meta))
+    summary = report(copy, tmp_path / "r")
+    assert summary.misclassified == 0
+    assert any("re-run train-head" in n for n in summary.notes)
+
+
 def test_a_sweep_without_validation_still_reports(tmp_path):
     root = make_folder(tmp_path / "images", CLASSES, per_class=4, size=(20, 20))
-    cache = make_cache(tmp_path / "c.h5", root)
+    cache = cache_over_images(tmp_path / "c.h5", root)
     train_head(cache, tmp_path / "runs", TrainConfig(head=("linear",), lr=(1e-2, 1e-1), epochs=2,
                                                       val_fraction=0.0))
     summary = report(tmp_path / "runs", tmp_path / "r")

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from cache.store import CacheReader, CacheWriter, partial_path
+from cache.store import CacheReader
 from cli.main import main
 from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
 from pipeline.config import TrainConfig
@@ -29,26 +29,9 @@ from pipeline.heads import HeadStack, StackedOptimizer, load_head
 from pipeline.splits import hash_split
 from pipeline.train_head import _class_weights, train_head
 
-MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "ab" * 32,
-            "layer": "classifier.4", "layer_alias": "fc7", "precision": "float32",
-            "preprocessing": {"resize_size": 37, "crop_size": 32, "mean": [0.5] * 3,
-                              "std": [0.2] * 3}}
+from ._caches import MANIFEST, make_cache
+
 FAST = dict(epochs=3, batch_size=16, val_fraction=0.25)
-
-
-def make_cache(path, x, y, paths=None, classes=None, dtype="float32", complete=True, **changes):
-    """A feature cache holding rows x (N, D) with labels y, written the way extract writes one."""
-    x, y = np.asarray(x), np.asarray(y)
-    classes = classes or [f"class{i}" for i in range(int(y.max()) + 1)]
-    paths = paths or [f"{classes[max(int(label), 0)]}/{i:05d}.png" for i, label in enumerate(y)]
-    manifest = {**MANIFEST, "feature_dim": x.shape[1], "dtype": dtype, "class_names": classes,
-                **changes}
-    writer = CacheWriter.create(partial_path(path), manifest)
-    writer.commit(x.astype(dtype), y.tolist(), paths, ["0" * 64] * len(y))
-    if complete:
-        return writer.finish(path)
-    writer.close()
-    return partial_path(path)
 
 
 def blobs(n=160, d=8, c=3, seed=0, noise=1.0):
@@ -66,7 +49,7 @@ def cache(tmp_path):
 
 def heads_of(summary) -> dict[str, dict[str, torch.Tensor]]:
     return {r["run_id"]: torch.load(f"{r['path']}/head.pt", weights_only=True)
-            for r in summary["leaderboard"]}
+            for r in summary.leaderboard}
 
 
 # ------------------------------------------------------------------- equivalence with the tutorial
@@ -127,8 +110,9 @@ def test_linear_head_on_cache_matches_the_tutorial_step_for_step(vgg_cache, tmp_
     assert moved > 1e-3, "the test must move the weights far beyond its tolerance"
     # And train_head end to end on that cache lands on the tutorial's weights.
     cfg = TrainConfig(optimizer=(optimizer,), lr=(lr,), weight_decay=(wd,), momentum=momentum,
-                      epochs=2, batch_size=4, val_fraction=0.0, seed=(0,), data_seed=0)
-    head, meta = load_head(train_head(path, tmp_path / "runs", cfg)["best_path"])
+                      epochs=2, batch_size=4, val_fraction=0.0, seed=(0,), data_seed=0,
+                      standardize=False)                  # the tutorial's fc8 sees raw fc7
+    head, meta = load_head(train_head(path, tmp_path / "runs", cfg).best_path)
     assert meta["in_dim"] == 4096 and meta["cache"]["layer"] == "classifier.4"
     for name, t in model.classifier[6].state_dict().items():
         torch.testing.assert_close(head.state_dict()[name], t, rtol=1e-4, atol=1e-6)
@@ -142,10 +126,10 @@ def test_batched_sweep_equals_heads_trained_one_by_one(cache, tmp_path):
     sweep = TrainConfig(head=("linear", "mlp"), lr=(1e-2, 5e-2), dropout=(0.0, 0.3), seed=(0, 1),
                         **shared)
     together = train_head(cache, tmp_path / "sweep", sweep)
-    assert together["experiments"] == 16 and together["passes"] == [8, 8]
+    assert together.experiments == 16 and together.passes == [8, 8]
     batched = heads_of(together)
-    metrics = {r["run_id"]: r for r in together["leaderboard"]}
-    for row in together["leaderboard"][::4]:          # a quarter of them alone, to stay fast
+    metrics = {r["run_id"]: r for r in together.leaderboard}
+    for row in together.leaderboard[::4]:          # a quarter of them alone, to stay fast
         alone_cfg = TrainConfig(head=(row["head"],), lr=(row["lr"],), dropout=(row["dropout"],),
                                 seed=(row["seed"],), **shared)
         alone = train_head(cache, tmp_path / row["run_id"], alone_cfg)
@@ -153,15 +137,15 @@ def test_batched_sweep_equals_heads_trained_one_by_one(cache, tmp_path):
         assert run_id == row["run_id"]
         for name, t in state.items():
             torch.testing.assert_close(batched[run_id][name], t, rtol=1e-4, atol=1e-5)
-        assert alone["leaderboard"][0]["epochs_run"] == metrics[run_id]["epochs_run"]
-        assert alone["leaderboard"][0]["val_acc"] == pytest.approx(metrics[run_id]["val_acc"])
+        assert alone.leaderboard[0]["epochs_run"] == metrics[run_id]["epochs_run"]
+        assert alone.leaderboard[0]["val_acc"] == pytest.approx(metrics[run_id]["val_acc"])
 
 
 def test_the_issue_example_is_24_experiments(cache, tmp_path):
     cfg = TrainConfig(lr=(1e-3, 1e-2), weight_decay=(0.0, 1e-4), dropout=(0.0, 0.5), seed=(0, 1, 2),
                       epochs=1, batch_size=32)
     summary = train_head(cache, tmp_path / "runs", cfg)
-    assert summary["experiments"] == 24 == len(set(heads_of(summary)))
+    assert summary.experiments == 24 == len(set(heads_of(summary)))
 
 
 def test_streaming_equals_in_ram_training(tmp_path):
@@ -169,21 +153,21 @@ def test_streaming_equals_in_ram_training(tmp_path):
     x, y = blobs(n=600, d=4096, c=3, noise=4.0)
     path = make_cache(tmp_path / "f16.h5", x, y, dtype="float16")
     cfg = dict(lr=(1e-3, 1e-2), dropout=(0.0, 0.5), epochs=2, batch_size=50, shuffle_chunks=2,
-               val_fraction=0.2)
+               val_fraction=0.2, standardize=True)     # mean and std from a streamed pass too
     ram = train_head(path, tmp_path / "ram", TrainConfig(**cfg))
     limit = 3 * 2**20 + 2**19          # a window of 2 chunks + 1 for evaluation
     stream = train_head(path, tmp_path / "stream", TrainConfig(**cfg, max_memory=limit))
-    assert (ram["memory"]["train"], stream["memory"]["train"]) == ("ram", "stream")
-    assert stream["memory"]["eval"] == "stream" and stream["memory"]["window_chunks"] == 2
-    assert stream["memory"]["peak_feature_bytes"] <= limit < ram["memory"]["peak_feature_bytes"]
-    assert ram["passes"] == stream["passes"] == [4]
+    assert (ram.memory["train"], stream.memory["train"]) == ("ram", "stream")
+    assert stream.memory["eval"] == "stream" and stream.memory["window_chunks"] == 2
+    assert stream.memory["peak_feature_bytes"] <= limit < ram.memory["peak_feature_bytes"]
+    assert ram.passes == stream.passes == [4]
     a, b = heads_of(ram), heads_of(stream)
     assert a.keys() == b.keys() and len(a) == 4
     for run_id in a:
         for name in a[run_id]:
             assert torch.equal(a[run_id][name], b[run_id][name])
-    assert ([r["val_loss"] for r in ram["leaderboard"]]
-            == [r["val_loss"] for r in stream["leaderboard"]])
+    assert ([r["val_loss"] for r in ram.leaderboard]
+            == [r["val_loss"] for r in stream.leaderboard])
 
 
 def test_streaming_window_must_fit_in_memory(tmp_path):
@@ -209,8 +193,8 @@ def test_hash_split_used_for_validation(tmp_path):
     paths = [f"img/{i}.png" for i in range(200)]
     summary = train_head(make_cache(tmp_path / "a.h5", x, y, paths), tmp_path / "r",
                          TrainConfig(epochs=1, val_fraction=0.3))
-    assert summary["data"]["val"]["rows"] == int(hash_split(paths, 0.3).sum())
-    assert summary["data"]["train"]["rows"] == 200 - summary["data"]["val"]["rows"]
+    assert summary.data["val"]["rows"] == int(hash_split(paths, 0.3).sum())
+    assert summary.data["train"]["rows"] == 200 - summary.data["val"]["rows"]
 
 
 def test_same_seed_same_results(cache, tmp_path):
@@ -231,7 +215,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     path = make_cache(tmp_path / "noisy.h5", x, y)
     cfg = dict(lr=(0.5,), optimizer=("sgd",), batch_size=8, val_fraction=0.3)
     stopped = train_head(path, tmp_path / "a",
-                         TrainConfig(**cfg, epochs=30, patience=2))["leaderboard"][0]
+                         TrainConfig(**cfg, epochs=30, patience=2)).leaderboard[0]
     assert stopped["epochs_run"] == stopped["best_epoch"] + 2 < 30
     assert stopped["val_acc"] == stopped["best_val_acc"]
     short = train_head(path, tmp_path / "b", TrainConfig(**cfg, epochs=stopped["best_epoch"]))
@@ -245,16 +229,93 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
 ])
 def test_schedules(cache, tmp_path, schedule, expected):
     cfg = TrainConfig(schedule=schedule, epochs=6, batch_size=64, lr=(0.1,))
-    run = train_head(cache, tmp_path / "r", cfg)["leaderboard"][0]
+    run = train_head(cache, tmp_path / "r", cfg).leaderboard[0]
     history = json.loads((tmp_path / "r" / run["run_id"] / "metrics.json").read_text())["epochs"]
     assert [h["lr"] for h in history] == pytest.approx([0.1 * e for e in expected])
 
 
 def test_cosine_schedule_decays_to_zero(cache, tmp_path):
     cfg = TrainConfig(schedule="cosine", epochs=4, batch_size=200, lr=(0.1,))   # one step an epoch
-    run = train_head(cache, tmp_path / "r", cfg)["leaderboard"][0]
+    run = train_head(cache, tmp_path / "r", cfg).leaderboard[0]
     history = json.loads((tmp_path / "r" / run["run_id"] / "metrics.json").read_text())["epochs"]
     assert [h["lr"] for h in history] == pytest.approx([0.1, 0.0853553, 0.05, 0.0146447], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- standardization
+
+def uneven(x, seed=5):
+    """fc7-like trouble for a head: small per-feature spreads on large, unequal offsets."""
+    offsets = np.random.default_rng(seed).uniform(0, 5, x.shape[1])
+    return (x * 0.03 + offsets).astype(np.float32)
+
+
+def test_standardized_head_is_saved_folded_and_takes_raw_features(tmp_path):
+    x, y = blobs(n=240, d=8, c=3, noise=1.5)
+    x = (x * [0.03, 0.1, 1, 3, 0.03, 10, 0.5, 1] + [5, -2, 0, 40, 1, 3, 0, 7]).astype(np.float32)
+    x[:, 2] = 0.7                          # a constant feature: centred, divided by 1, not by 0
+    mean, std = x[:180].astype(np.float64).mean(0), x[:180].astype(np.float64).std(0)
+    assert std[2] == 0
+    std[2] = 1.0
+    xs = ((x - mean) / std).astype(np.float32)                   # standardized by hand
+    cfg = dict(head=("linear", "mlp"), hidden=((6,),), lr=(1e-2,), dropout=(0.0, 0.2), epochs=3,
+               batch_size=16)
+    folded = train_head(make_cache(tmp_path / "raw.h5", x[:180], y[:180]), tmp_path / "folded",
+                        TrainConfig(**cfg, standardize=True),
+                        val_path=make_cache(tmp_path / "raw-val.h5", x[180:], y[180:]))
+    plain = train_head(make_cache(tmp_path / "std.h5", xs[:180], y[:180]), tmp_path / "plain",
+                       TrainConfig(**cfg, standardize=False),
+                       val_path=make_cache(tmp_path / "std-val.h5", xs[180:], y[180:]))
+    label = {r["run_id"].rsplit("-", 1)[0]: r for r in plain.leaderboard}
+    assert len(label) == len(folded.leaderboard) == 4
+    for row in folded.leaderboard:
+        ref = label[row["run_id"].rsplit("-", 1)[0]]
+        head, meta = load_head(row["path"])
+        unfolded, ref_meta = load_head(ref["path"])
+        assert meta["standardization"] == {
+            "statistics": "per-feature mean and std of the training rows", "rows": 180,
+            "folded_into_first_layer": True}
+        assert ref_meta["standardization"] is None
+        with torch.no_grad():
+            raw_logits = head(torch.from_numpy(x))                      # (240, 3)
+            torch.testing.assert_close(raw_logits, unfolded(torch.from_numpy(xs)),
+                                       rtol=1e-4, atol=1e-4)
+        assert raw_logits.abs().max() > 1             # the heads moved well past the tolerance
+        # Validation during training (unfolded, standardized batches) and after it (the saved,
+        # folded head on raw features) measure the same function.
+        history = json.loads((tmp_path / "folded" / row["run_id"] / "metrics.json").read_text())
+        assert history["epochs"][-1]["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+        assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+
+
+def test_streamed_and_in_ram_standardization_agree(tmp_path):
+    from pipeline._feature_splits import Split, feature_moments
+
+    # 4096 float16 features: 128 rows per 1 MiB chunk; a hash split leaves chunks partly used.
+    x, y = blobs(n=600, d=4096, c=3, noise=4.0)
+    x16 = uneven(x).astype(np.float16)
+    path = make_cache(tmp_path / "f16.h5", x16, y, dtype="float16")
+    with CacheReader(path) as reader:
+        rows = np.flatnonzero(~hash_split(reader.paths, 0.2))
+        in_ram, streamed = Split("train", reader, rows), Split("train", reader, rows)
+        in_ram.load()
+        mean, std = feature_moments(in_ram)
+        assert streamed.ram is None
+        mean_s, std_s = feature_moments(streamed)
+    assert np.array_equal(mean, mean_s) and np.array_equal(std, std_s)      # the same bits
+    exact = x16[rows].astype(np.float64)
+    np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(std, exact.std(0), rtol=1e-10)
+    assert 0.05 < std.mean() < 0.2 and mean.mean() > 1        # the uneven features they are
+
+
+def test_standardizing_trains_uneven_features_in_a_few_epochs(tmp_path):
+    x, y = blobs(n=400, d=16, c=4, noise=1.0)
+    path = make_cache(tmp_path / "uneven.h5", uneven(x), y)
+    cfg = dict(lr=(1e-2,), epochs=3, batch_size=32, val_fraction=0.25)
+    on = train_head(path, tmp_path / "on", TrainConfig(**cfg, standardize=True)).leaderboard[0]
+    off = train_head(path, tmp_path / "off", TrainConfig(**cfg, standardize=False)).leaderboard[0]
+    assert on["val_acc"] >= 0.95 and off["val_acc"] <= 0.35   # seen: 1.0 against 0.24 (chance)
+    assert on["val_loss"] < 0.5 < 1.3 < off["val_loss"]       # seen: 0.29 against 1.42
 
 
 # ------------------------------------------------------------------------------------ logreg
@@ -270,7 +331,7 @@ def test_logreg_agrees_with_scikit_learn(tmp_path, c, standardize, class_weight)
     cfg = TrainConfig(head=("logreg",), C=(0.05, 1.0), class_weight=class_weight,
                       logreg_standardize=standardize)
     summary = train_head(train, tmp_path / "runs", cfg, val_path=val)
-    for row in summary["leaderboard"]:
+    for row in summary.leaderboard:
         head, meta = load_head(row["path"])
         assert meta["kind"] == "logreg" and meta["converged"] and isinstance(head, nn.Linear)
         clf = LogisticRegression(C=row["C"], max_iter=1000,
@@ -293,16 +354,16 @@ def test_records_and_metrics(tmp_path):
     cfg = TrainConfig(head=("linear", "mlp"), hidden=((8, 4),), activation=("gelu",),
                       lr=(1e-2, 1e-3), **FAST)
     summary = train_head(train, tmp_path / "runs", cfg, test_path=test)
-    assert summary["experiments"] == 4
-    assert summary["best_run"] == summary["leaderboard"][0]["run_id"]
-    assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == summary
+    assert summary.experiments == 4
+    assert summary.best_run == summary.leaderboard[0]["run_id"]
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == summary.to_json()
     with open(tmp_path / "runs" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run_id"] for r in rows] == [r["run_id"] for r in summary["leaderboard"]]
+    assert [r["run_id"] for r in rows] == [r["run_id"] for r in summary.leaderboard]
     accs = [float(r["val_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     assert {r["head"] for r in rows} == {"linear", "mlp"} and rows[0]["test_acc"] != ""
-    for row in summary["leaderboard"]:
+    for row in summary.leaderboard:
         run = tmp_path / "runs" / row["run_id"]
         metrics = json.loads((run / "metrics.json").read_text())
         assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
@@ -324,6 +385,64 @@ def test_records_and_metrics(tmp_path):
         assert row["test_acc"] == m["top1"]
 
 
+def test_without_validation_every_head_is_ranked_by_its_clean_training_loss(tmp_path):
+    x, y = blobs(n=200, d=8, c=3, noise=1.0)
+    path = make_cache(tmp_path / "c.h5", x, y)
+    cfg = TrainConfig(head=("linear", "logreg"), lr=(5e-2,), label_smoothing=(0.3,), C=(0.01,),
+                      epochs=10, val_fraction=0.0)
+    summary = train_head(path, tmp_path / "runs", cfg)
+    linear, logreg = summary.leaderboard
+    assert (linear["head"], logreg["head"]) == ("linear", "logreg")
+    assert "without dropout or label smoothing" in summary.ranked_by
+    # Ranked by plain cross-entropy on the training rows, the saved head's own.
+    head, _ = load_head(linear["path"])
+    with torch.no_grad():
+        prob = head(torch.from_numpy(x)).softmax(-1).numpy()
+    assert linear["train_loss"] == pytest.approx(log_loss(y, prob), rel=1e-5)
+    assert linear["train_acc"] == pytest.approx((prob.argmax(1) == y).mean())
+    metrics = json.loads((tmp_path / "runs" / linear["run_id"] / "metrics.json").read_text())
+    assert metrics["train"]["log_loss"] == linear["train_loss"]
+    # The last epoch's running loss (label smoothing 0.3 in it) would have ranked it last.
+    running = metrics["epochs"][-1]["train_loss"]
+    assert linear["train_loss"] < 0.25 < logreg["train_loss"] < 0.45 < 0.7 < running  # seen: 0.22, 0.37, 0.73
+
+
+def test_on_epoch_gets_every_epoch_of_every_pass(cache, tmp_path, caplog):
+    seen = []
+    cfg = TrainConfig(head=("linear", "mlp", "logreg"), hidden=((5,),), lr=(1e-2, 1e-1), **FAST)
+    with caplog.at_level(logging.INFO, logger="pipeline.train_head"):
+        summary = train_head(cache, tmp_path / "runs", cfg, on_epoch=seen.append)
+    assert summary.passes == [2, 2, 1]
+    assert [(e["pass"], e["kind"], e["epoch"]) for e in seen] == [
+        (p, kind, epoch) for p, kind in ((1, "linear"), (2, "mlp")) for epoch in (1, 2, 3)]
+    assert {(e["passes"], e["heads"], e["active"], e["epochs"]) for e in seen} == {(3, 2, 2, 3)}
+    assert all(e["seconds"] > 0 and e["train_loss_min"] <= e["train_loss_max"] for e in seen)
+    for e in seen:                        # the best validation accuracy of that pass and epoch
+        runs = [r for r in summary.leaderboard if r["head"] == e["kind"]]
+        accs = {r["run_id"]: json.loads((tmp_path / "runs" / r["run_id"] / "metrics.json")
+                                        .read_text())["epochs"][e["epoch"] - 1]["val_acc"]
+                for r in runs}
+        assert e["best_val_acc"] == max(accs.values())
+        assert any(run_id.startswith(e["best_run"]) and accs[run_id] == e["best_val_acc"]
+                   for run_id in accs)
+    assert "pass 2/3 mlp x2: epoch 3/3" in caplog.text               # the line for humans stays
+
+
+def test_summary_is_a_dataclass_and_summary_json_its_to_json(cache, tmp_path):
+    from pipeline import TrainSummary
+
+    summary = train_head(cache, tmp_path / "runs", TrainConfig(lr=(1e-2, 1e-1), **FAST))
+    assert isinstance(summary, TrainSummary)
+    data = summary.to_json()
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == data
+    assert set(data) == {"leaderboard", "best_run", "best_path", "ranked_by", "experiments",
+                         "passes", "data", "memory", "seconds", "class_names", "runs_dir",
+                         "results_csv"}
+    assert data["best_path"] == summary.leaderboard[0]["path"] == str(
+        tmp_path / "runs" / summary.best_run)
+    assert data["data"]["val"]["rows"] + data["data"]["train"]["rows"] == 160
+
+
 def test_balanced_class_weights_are_scikit_learns():
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -336,7 +455,7 @@ def test_balanced_class_weights_are_scikit_learns():
 
 def test_no_top5_below_five_classes(cache, tmp_path):
     summary = train_head(cache, tmp_path / "r", TrainConfig(**FAST))
-    assert summary["leaderboard"][0]["val_top5"] is None
+    assert summary.leaderboard[0]["val_top5"] is None
 
 
 # ------------------------------------------------------------------------------------- guards
@@ -358,7 +477,7 @@ def test_mismatching_val_or_test_cache_is_refused(cache, tmp_path, change, named
 def test_float16_val_with_float32_train_is_fine(cache, tmp_path):
     val = make_cache(tmp_path / "val16.h5", *blobs(n=40, seed=1), dtype="float16")
     summary = train_head(cache, tmp_path / "runs", TrainConfig(**FAST), val_path=val)
-    assert summary["data"]["val"]["rows"] == 40
+    assert summary.data["val"]["rows"] == 40
 
 
 def test_incomplete_cache_needs_allow_incomplete(tmp_path):
@@ -366,7 +485,7 @@ def test_incomplete_cache_needs_allow_incomplete(tmp_path):
     with pytest.raises(ValueError, match="incomplete.*--allow-incomplete"):
         train_head(path, tmp_path / "runs", TrainConfig(**FAST))
     summary = train_head(path, tmp_path / "runs", TrainConfig(**FAST, allow_incomplete=True))
-    assert summary["data"]["train"]["rows"] + summary["data"]["val"]["rows"] == 160
+    assert summary.data["train"]["rows"] + summary.data["val"]["rows"] == 160
 
 
 def test_unlabeled_rows_are_ignored_with_a_warning(tmp_path, caplog):
@@ -376,7 +495,7 @@ def test_unlabeled_rows_are_ignored_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.train_head"):
         summary = train_head(path, tmp_path / "runs", TrainConfig(**FAST))
     assert "40 unlabeled rows ignored" in caplog.text
-    assert summary["data"]["train"]["rows"] + summary["data"]["val"]["rows"] == 120
+    assert summary.data["train"]["rows"] + summary.data["val"]["rows"] == 120
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -410,6 +529,7 @@ def test_cli_sweep_table_and_json(cache, tmp_path):
     assert "val acc" in result.output and "best: " in result.output
     result = CliRunner().invoke(main, [*args, "--json"])
     summary = json.loads(result.stdout)
+    assert summary == json.loads((tmp_path / "runs" / "summary.json").read_text())
     assert summary["experiments"] == 4 and summary["memory"]["max_memory"] == 2**30
     assert {r["head"] for r in summary["leaderboard"]} == {"linear", "logreg"}
 

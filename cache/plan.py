@@ -1,0 +1,162 @@
+"""Planning an incremental extraction: which images already have a row, which to compute.
+
+An image is matched to a cached row by (path, content digest), so a changed file is computed
+again and a removed one is dropped. The sources of reusable rows are the complete cache and
+the `.partial` file of an unfinished earlier run, in that order; where both hold an image the
+later one wins, being the newer computation. Images arrive as plain lists, so this module
+needs no model and no torch:
+
+    old, held = open_existing(output, manifest, overwrite)
+    try:
+        planned = plan(paths, labels, class_names, digests, [r for r in (old, held) if r])
+    finally:
+        ...close old and held...
+    # compute planned.todo into partial_path(output), batch by batch
+    final = finalize(output, manifest, paths, labels, class_names, digests)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from . import manifest as mf
+from .errors import UserError
+from .store import CacheReader, assemble, finish, partial_path
+
+CHANGED_REASON = "file changed during extraction: re-run extract to include it"
+
+
+@dataclass
+class Plan:
+    """The cache that a list of images maps to, row by row in image order."""
+    rows: list          # (image index, source number, source row) of each output row
+    errors: list        # (path, digest, reason) of images known to be unusable, sorted
+    todo: list          # indices of images with neither a row nor an error: to compute
+    paths: Sequence[str] = field(repr=False)
+    labels: Sequence[int] = field(repr=False)
+    class_names: Sequence[str] = field(repr=False)
+    digests: Sequence[str] = field(repr=False)
+
+    def is_whole(self, source: CacheReader, s: int) -> bool:
+        """True when `source` (source number `s`) already is exactly the cache planned:
+        nothing to compute, all its rows in its order, the same labels, errors and classes."""
+        return (not self.todo
+                and [(s0, r) for _, s0, r in self.rows] == [(s, k) for k in range(source.n_rows)]
+                and source.labels.tolist() == [self.labels[i] for i, _, _ in self.rows]
+                and sorted(source.errors) == self.errors
+                and source.class_names == list(self.class_names))
+
+    def dropped(self, source: CacheReader) -> int:
+        """Rows of `source` that match no current image (removed or changed since)."""
+        current = set(zip(self.paths, self.digests))
+        return sum(key not in current for key in zip(source.paths, source.digests))
+
+    def output_rows(self) -> list[tuple[int, int, int, str, str]]:
+        """(source number, source row, label, path, digest) of each row, for `assemble`."""
+        return [(s, r, self.labels[i], self.paths[i], self.digests[i]) for i, s, r in self.rows]
+
+
+def plan(paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
+         digests: Sequence[str], sources: Sequence[CacheReader],
+         changed_reason: str | None = None) -> Plan:
+    """Match each image (by path and content digest) to a row or an error already in `sources`.
+
+    Images found in none go to `todo`, or, with `changed_reason`, become errors with that
+    reason (after computing, an image still without a row changed while it was being read).
+    """
+    if not len(paths) == len(labels) == len(digests):
+        raise ValueError(f"{len(paths)} paths, {len(labels)} labels and {len(digests)} digests: "
+                         "pass one of each per image")
+    index, known = {}, {}
+    for s, src in enumerate(sources):
+        for row, key in enumerate(zip(src.paths, src.digests)):
+            index[key] = (s, row)   # a later source overwrites: it holds the newer computation
+        for p, d, reason in src.errors:
+            known[(p, d)] = reason
+    planned = Plan([], [], [], paths, labels, class_names, digests)
+    for i, key in enumerate(zip(paths, digests)):
+        if key in index:
+            planned.rows.append((i, *index[key]))
+        elif key in known:
+            planned.errors.append((*key, known[key]))
+        elif changed_reason is not None:
+            planned.errors.append((*key, changed_reason))
+        else:
+            planned.todo.append(i)
+    planned.errors.sort()
+    return planned
+
+
+def open_compatible(path: str | Path, manifest: dict, overwrite: bool) -> CacheReader | None:
+    """Reader on an existing cache at `path` whose rows can be reused, or None if there is none.
+
+    A file that is not a cache, or a cache made with other settings, is refused (naming the
+    differing fields) unless `overwrite`, in which case it is ignored (and later replaced).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        reader = CacheReader(path, allow_incomplete=True)
+    except ValueError as e:
+        if overwrite:
+            return None
+        raise UserError(f"{path} exists but is not a usable feature cache ({e}); "
+                         "pass --overwrite to replace it") from None
+    diff = mf.differences(reader.manifest, manifest)
+    if diff:
+        reader.close()
+        if overwrite:
+            return None
+        raise UserError(f"{path} was made with other settings ({'; '.join(diff)}): pass the "
+                         "same settings to update it, --overwrite to start again, or another -o")
+    return reader
+
+
+def open_existing(output: str | Path, manifest: dict, overwrite: bool
+                  ) -> tuple[CacheReader | None, CacheReader | None]:
+    """Readers on the complete cache at `output` and on its `.partial` (see `open_compatible`).
+
+    If the partial is refused, the reader on the complete cache is closed before raising.
+    """
+    old = open_compatible(output, manifest, overwrite)
+    try:
+        return old, open_compatible(partial_path(output), manifest, overwrite)
+    except BaseException:
+        if old is not None:
+            old.close()
+        raise
+
+
+def finalize(output: str | Path, manifest: dict, paths: Sequence[str], labels: Sequence[int],
+             class_names: Sequence[str], digests: Sequence[str]) -> Plan:
+    """Put the complete cache of these images at `output`, once their rows are computed.
+
+    New rows are in `partial_path(output)`, reused ones may be in the cache at `output`. When
+    the partial alone is exactly the cache (nothing reused from `output`, nothing dropped), it
+    is marked complete and renamed into place; otherwise the rows of both are assembled into a
+    new file and the partial is removed. An image still without a row is recorded as an error
+    (`CHANGED_REASON`) and tried again by the next run. Returns the plan of the written cache.
+    """
+    output, part = Path(output), partial_path(output)
+    with contextlib.ExitStack() as stack:
+        old = open_compatible(output, manifest, overwrite=True)
+        if old is not None:
+            stack.enter_context(old)
+        held = stack.enter_context(CacheReader(part, allow_incomplete=True))
+        sources = [r for r in (old, held) if r is not None]
+        final = plan(paths, labels, class_names, digests, sources, changed_reason=CHANGED_REASON)
+        updates = {"rows": len(final.rows), "errors": len(final.errors)}
+        renamed = final.is_whole(held, len(sources) - 1)
+        if not renamed:
+            assemble(output, {**manifest, **updates}, sources, final.output_rows(), final.errors)
+    if renamed:   # after the readers are closed: finish() reopens the partial for writing
+        finish(part, output, updates)
+    else:
+        part.unlink(missing_ok=True)
+    return final
+
+
+__all__ = ["CHANGED_REASON", "Plan", "finalize", "open_compatible", "open_existing", "plan"]

@@ -1,0 +1,105 @@
+"""The sweep of `train_head`: experiments from a TrainConfig, the checks of its settings, and
+the passes that train them (heads of one shape and optimizer together, within a memory bound)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+from cache.errors import UserError
+
+from .config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One head to train; fields a head kind does not use are None."""
+    kind: str
+    hidden: tuple[int, ...] | None = None
+    activation: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    dropout: float | None = None
+    label_smoothing: float | None = None
+    seed: int | None = None
+    C: float | None = None
+
+    def params(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        return d
+
+
+def experiments(cfg: TrainConfig) -> list[Experiment]:
+    """The cartesian product of the config's sweep axes, each head kind taking the axes it uses;
+    repeated values make one experiment."""
+    torch_axes = list(itertools.product(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.dropout,
+                                        cfg.label_smoothing, cfg.seed))
+    out: list[Experiment] = []
+    for kind in cfg.head:
+        if kind == "logreg":
+            out += [Experiment("logreg", C=float(c)) for c in cfg.C]
+            continue
+        shapes = [((), None)] if kind == "linear" else itertools.product(cfg.hidden, cfg.activation)
+        for (hidden, act), (opt, lr, wd, do, ls, seed) in itertools.product(shapes, torch_axes):
+            out.append(Experiment(kind, tuple(int(h) for h in hidden), act, opt, float(lr),
+                                  float(wd), float(do), float(ls), int(seed)))
+    return list(dict.fromkeys(out))
+
+
+def check_config(cfg: TrainConfig, has_val: bool) -> None:
+    """Raise UserError naming the first bad setting of `cfg` and how to fix it."""
+    def bad(what: str, fix: str):
+        raise UserError(f"{what}: {fix}")
+
+    for name, allowed in (("head", HEADS), ("optimizer", OPTIMIZERS), ("activation", ACTIVATIONS)):
+        if not getattr(cfg, name):
+            bad(f"--{name} is empty", "give at least one value")
+        for v in getattr(cfg, name):
+            if v not in allowed:
+                bad(f"unknown --{name} {v!r}", f"choose from {', '.join(allowed)}")
+    positive, fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+    rules = {"lr": positive, "C": positive, "weight_decay": (lambda v: v >= 0, ">= 0"),
+             "dropout": fraction, "label_smoothing": fraction}
+    for name, (ok, text) in rules.items():
+        for v in getattr(cfg, name):
+            if not ok(v):
+                bad(f"--{name.replace('_', '-')} {v}", f"use values {text}")
+    if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
+        bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
+    if cfg.schedule not in SCHEDULES:
+        bad(f"unknown --schedule {cfg.schedule!r}", f"choose from {', '.join(SCHEDULES)}")
+    if cfg.class_weight not in CLASS_WEIGHTS:
+        bad(f"unknown --class-weight {cfg.class_weight!r}",
+            f"choose from {', '.join(CLASS_WEIGHTS)}")
+    for name in ("epochs", "batch_size", "max_memory", "logreg_max_iter"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 1")
+    for name in ("patience", "shuffle_chunks", "lr_step"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 0")
+    if not 0 <= cfg.val_fraction < 1:
+        bad(f"--val-fraction {cfg.val_fraction}", "use a fraction in [0, 1)")
+    if cfg.patience and not (has_val or cfg.val_fraction > 0):
+        bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
+
+
+def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainConfig
+           ) -> list[list[Experiment]]:
+    """Experiments grouped by what must be shared in one pass (kind, shape, optimizer), split so
+    that a pass's parameters and optimizer state stay under a quarter of --max-memory."""
+    groups: dict[tuple, list[Experiment]] = {}
+    for e in experiments:
+        groups.setdefault((e.kind, e.hidden, e.activation, e.optimizer), []).append(e)
+    out = []
+    for (kind, hidden, _, _), group in groups.items():
+        if kind == "logreg":
+            out.append(group)
+            continue
+        dims = [dim, *hidden, n_classes]
+        # float32 parameters, gradients and two optimizer states per head
+        head_bytes = 4 * 4 * sum((i + 1) * o for i, o in zip(dims[:-1], dims[1:]))
+        size = max(1, cfg.max_memory // 4 // head_bytes)
+        group = sorted(group, key=lambda e: e.dropout)   # equal dropout: one masked input each
+        out += [group[i:i + size] for i in range(0, len(group), size)]
+    return out

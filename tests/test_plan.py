@@ -1,0 +1,223 @@
+"""cache.plan: matching images to cached rows, refusing other settings, finishing a cache.
+
+Caches are written directly with CacheWriter (3-dim features whose values name the row): no
+model, no images, no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.errors import UserError
+from cache.plan import CHANGED_REASON, finalize, open_compatible, open_existing, plan
+from cache.store import CacheReader, CacheWriter, partial_path
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "0" * 64,
+            "layer": "classifier.4", "feature_dim": 3, "preprocessing": {"crop_size": 32},
+            "precision": "float32", "dtype": "float32", "class_names": ["a", "b"]}
+
+
+def digest(path: str, version: int = 0) -> str:
+    """A stand-in content digest: a different `version` is a changed file."""
+    return hashlib.sha256(f"{path}:{version}".encode()).hexdigest()
+
+
+def write(path: Path, rows, errors=(), manifest=MANIFEST, complete=True) -> Path:
+    """A cache at `path` (complete) or the unfinished file `path` itself (not complete).
+
+    rows: (path, label, version, value) with features [value, value + 0.5, -value]."""
+    feats = np.array([[v, v + 0.5, -v] for *_, v in rows], dtype=np.float32).reshape(-1, 3)
+    writer = CacheWriter.create(path.with_name(path.name + ".tmp") if complete else path, manifest)
+    writer.commit(feats, [lab for _, lab, _, _ in rows], [p for p, *_ in rows],
+                  [digest(p, ver) for p, _, ver, _ in rows], errors)
+    if complete:
+        writer.finish(path)
+    else:
+        writer.close()
+    return path
+
+
+def listing(images):
+    """(paths, labels, class_names, digests) of images given as (path, label, version)."""
+    return ([p for p, _, _ in images], [lab for _, lab, _ in images], ["a", "b"],
+            [digest(p, ver) for p, _, ver in images])
+
+
+def contents(path: Path):
+    with CacheReader(path) as r:
+        return r.load_features(), r.labels.tolist(), r.paths, r.digests, r.errors, r.manifest
+
+
+def test_plan_new_changed_removed_and_failed_images(tmp_path):
+    failed = ("a/bad.png", digest("a/bad.png"), "truncated")
+    fixed = ("a/fixed.png", digest("a/fixed.png"), "empty file")
+    old = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0), ("a/1.png", 0, 0, 2.0),
+                                    ("b/gone.png", 1, 0, 3.0)], errors=[failed, fixed])
+    images = [("a/0.png", 0, 0),        # unchanged: reused
+              ("a/1.png", 0, 1),        # changed content: computed again
+              ("a/bad.png", 0, 0),      # failed before, same bytes: still failed
+              ("a/fixed.png", 0, 1),    # failed before, new bytes: tried again
+              ("b/new.png", 1, 0)]      # new
+    with CacheReader(old) as r:
+        planned = plan(*listing(images), [r])
+        assert planned.rows == [(0, 0, 0)]
+        assert planned.errors == [failed]
+        assert planned.todo == [1, 3, 4]
+        assert planned.dropped(r) == 2          # the old a/1.png and the removed b/gone.png
+        assert planned.output_rows() == [(0, 0, 0, "a/0.png", digest("a/0.png"))]
+        after = plan(*listing(images), [r], changed_reason="changed")
+    assert after.todo == [] and after.rows == planned.rows
+    assert after.errors == sorted([failed, ("a/1.png", digest("a/1.png", 1), "changed"),
+                                   ("a/fixed.png", digest("a/fixed.png", 1), "changed"),
+                                   ("b/new.png", digest("b/new.png"), "changed")])
+
+
+def test_later_sources_win(tmp_path):
+    old = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0), ("a/1.png", 0, 0, 2.0)],
+                errors=[("a/2.png", digest("a/2.png"), "old reason")])
+    held = write(tmp_path / "p.h5", [("a/3.png", 0, 0, 4.0), ("a/1.png", 0, 0, 5.0)],
+                 errors=[("a/2.png", digest("a/2.png"), "new reason")], complete=False)
+    images = [("a/0.png", 0, 0), ("a/1.png", 0, 0), ("a/2.png", 0, 0), ("a/3.png", 0, 0)]
+    with CacheReader(old) as r0, CacheReader(held, allow_incomplete=True) as r1:
+        planned = plan(*listing(images), [r0, r1])
+    assert planned.rows == [(0, 0, 0), (1, 1, 1), (3, 1, 0)]
+    assert planned.errors == [("a/2.png", digest("a/2.png"), "new reason")]
+    assert planned.todo == []
+
+
+def test_plan_refuses_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="2 paths, 1 labels and 2 digests"):
+        plan(["x", "y"], [0], [], ["d", "e"], [])
+
+
+@pytest.mark.parametrize("images, class_names, whole", [
+    ([("a/0.png", 0, 0), ("b/0.png", 1, 0)], ["a", "b"], True),
+    ([("a/0.png", 0, 0), ("b/0.png", 1, 0), ("b/1.png", 1, 0)], ["a", "b"], False),   # new
+    ([("a/0.png", 0, 0)], ["a", "b"], False),                                         # removed
+    ([("a/0.png", 0, 0), ("b/0.png", 1, 1)], ["a", "b"], False),                      # changed
+    ([("a/0.png", 0, 0), ("b/0.png", 0, 0)], ["a", "b"], False),                      # relabeled
+    ([("a/0.png", 0, 0), ("b/0.png", 1, 0)], ["a", "b", "c"], False),                 # new class
+])
+def test_is_whole(tmp_path, images, class_names, whole):
+    path = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0), ("b/0.png", 1, 0, 2.0)])
+    paths, labels, _, digests = listing(images)
+    with CacheReader(path) as r:
+        planned = plan(paths, labels, class_names, digests, [r])
+        assert planned.is_whole(r, 0) is whole
+        assert not planned.is_whole(r, 1)   # as another source number, it is not
+
+
+def test_is_whole_compares_errors(tmp_path):
+    bad = ("a/bad.png", digest("a/bad.png"), "truncated")
+    path = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)], errors=[bad])
+    with CacheReader(path) as r:
+        assert plan(*listing([("a/0.png", 0, 0), ("a/bad.png", 0, 0)]), [r]).is_whole(r, 0)
+        assert not plan(*listing([("a/0.png", 0, 0)]), [r]).is_whole(r, 0)   # error dropped
+
+
+def test_open_compatible_refuses_other_settings_unless_overwrite(tmp_path):
+    path = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)])
+    assert open_compatible(tmp_path / "none.h5", MANIFEST, False) is None
+    reader = open_compatible(path, {**MANIFEST, "source_root": "/elsewhere"}, False)
+    assert reader is not None and reader.n_rows == 1   # fields outside FEATURE_KEYS may differ
+    reader.close()
+    other = {**MANIFEST, "layer": "classifier.1", "preprocessing": {"crop_size": 48}}
+    with pytest.raises(UserError) as e:
+        open_compatible(path, other, False)
+    assert "made with other settings" in str(e.value) and "--overwrite" in str(e.value)
+    assert "layer: 'classifier.4' vs 'classifier.1'" in str(e.value)
+    assert "preprocessing.crop_size: 32 vs 48" in str(e.value)
+    assert open_compatible(path, other, True) is None
+    assert contents(path)[0].tolist() == [[1.0, 1.5, -1.0]]   # ignored, not touched
+    _assert_closed(path)
+
+
+def test_open_compatible_refuses_a_file_that_is_not_a_cache(tmp_path):
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"not hdf5 at all")
+    with pytest.raises(UserError, match="not a usable feature cache.*--overwrite"):
+        open_compatible(path, MANIFEST, False)
+    assert open_compatible(path, MANIFEST, True) is None
+
+
+def test_open_existing_closes_the_cache_when_the_partial_is_refused(tmp_path):
+    out = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)])
+    partial_path(out).write_bytes(b"\x89HDF\r\n\x1a\n damaged")
+    with pytest.raises(UserError, match="c.h5.partial exists but is not a usable feature cache"
+                       ) as failure:
+        open_existing(out, MANIFEST, False)
+    # `failure` keeps the call's frames alive: a reader left open in them would hold the file.
+    assert failure.traceback
+    _assert_closed(out)
+    old, held = open_existing(out, MANIFEST, True)    # overwrite: the damaged partial is ignored
+    assert held is None and old.n_rows == 1
+    old.close()
+
+
+def _assert_closed(path: Path) -> None:
+    """No HDF5 file handle of this process is open on `path` (it can be replaced)."""
+    open_files = [Path(i.name.decode()).resolve()
+                  for i in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)]
+    assert path.resolve() not in open_files
+    h5py.File(path, "a").close()   # opening for writing fails while a reader holds the file
+
+
+def test_finalize_renames_a_whole_partial(tmp_path):
+    out = tmp_path / "c.h5"
+    part = write(partial_path(out), [("a/0.png", 0, 0, 1.0), ("b/0.png", 1, 0, 2.0)],
+                 errors=[("b/bad.png", digest("b/bad.png"), "empty file")], complete=False)
+    inode = os.stat(part).st_ino
+    images = [("a/0.png", 0, 0), ("b/0.png", 1, 0), ("b/bad.png", 1, 0)]
+    final = finalize(out, MANIFEST, *listing(images))
+    assert final.rows == [(0, 0, 0), (1, 0, 1)] and final.todo == []
+    assert os.stat(out).st_ino == inode and not part.exists()   # renamed, not copied
+    feats, labels, paths, digests, errors, manifest = contents(out)
+    assert feats.tolist() == [[1.0, 1.5, -1.0], [2.0, 2.5, -2.0]] and labels == [0, 1]
+    assert paths == ["a/0.png", "b/0.png"] and digests == [digest("a/0.png"), digest("b/0.png")]
+    assert errors == [("b/bad.png", digest("b/bad.png"), "empty file")]
+    assert (manifest["rows"], manifest["errors"]) == (2, 1)
+
+
+def test_finalize_assembles_from_cache_and_partial(tmp_path):
+    out = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0), ("a/1.png", 0, 0, 2.0),
+                                    ("b/gone.png", 1, 0, 3.0)])
+    part = write(partial_path(out), [("a/1.png", 0, 1, 4.0), ("b/new.png", 1, 0, 5.0)],
+                 complete=False)
+    images = [("a/0.png", 0, 0), ("a/1.png", 0, 1), ("b/new.png", 1, 0), ("b/late.png", 1, 0)]
+    final = finalize(out, MANIFEST, *listing(images))
+    assert final.rows == [(0, 0, 0), (1, 1, 0), (2, 1, 1)]
+    assert not part.exists()
+    feats, labels, paths, digests, errors, manifest = contents(out)
+    # Each output row equals its source row: a/0.png from the cache, the others from the partial.
+    assert feats.tolist() == [[1.0, 1.5, -1.0], [4.0, 4.5, -4.0], [5.0, 5.5, -5.0]]
+    assert labels == [0, 0, 1] and paths == ["a/0.png", "a/1.png", "b/new.png"]
+    assert digests == [digest("a/0.png"), digest("a/1.png", 1), digest("b/new.png")]
+    # An image still without a row changed while it was read: recorded, retried next run.
+    assert errors == [("b/late.png", digest("b/late.png"), CHANGED_REASON)]
+    assert (manifest["rows"], manifest["errors"], manifest["layer"]) == (3, 1, "classifier.4")
+    assert not list(tmp_path.glob("*.assembling"))
+
+
+def test_finalize_replaces_a_cache_with_other_settings(tmp_path):
+    out = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)],
+                manifest={**MANIFEST, "layer": "classifier.1"})
+    write(partial_path(out), [("a/0.png", 0, 0, 9.0)], complete=False)
+    finalize(out, MANIFEST, *listing([("a/0.png", 0, 0)]))
+    feats, *_, manifest = contents(out)
+    assert feats.tolist() == [[9.0, 9.5, -9.0]] and manifest["layer"] == "classifier.4"
+
+
+def test_cache_imports_neither_torch_nor_click():
+    code = ("import sys, cache, cache.plan, cache.store, cache.inspect, cache.manifest; "
+            "print(sorted(m for m in ('torch', 'click', 'pipeline') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
