@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest as mf
 from .store import CacheReader
 
 
@@ -17,8 +18,10 @@ def describe(path: str | Path) -> dict:
             "path": str(path),
             "complete": r.complete,
             "rows": r.n_rows,
-            "feature_dim": r.feature_dim,
-            "dtype": str(r.features.dtype),
+            "feature_dim": sum(c["feature_dim"] for c in mf.cuts(r.file_manifest)),
+            "cuts": [{k: c[k] for k in ("name", "layer", "pool", "feature_dim")}
+                     for c in mf.cuts(r.file_manifest)],
+            "dtype": r.file_manifest.get("dtype"),
             "size_bytes": Path(path).stat().st_size,
             "unlabeled": int((r.labels < 0).sum()),
             "class_counts": {n: int(c) for n, c in zip(names, counts)},

@@ -3,6 +3,7 @@
 File layout (any HDF5 tool reads it):
 
     features  (N, D) float16|float32, chunked by rows (~1 MiB a chunk), uncompressed
+              (format 2, several cuts of one pass: group cuts/<name>, one (N, D_name) each)
     labels    (N,)   int64, -1 for unlabeled
     paths     (N,)   UTF-8 strings, relative to the source root
     digests   (N,)   SHA-256 hex of each image file
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -53,23 +54,30 @@ class CacheWriter:
         self.path = path
         self._h5 = h5
         self.manifest = mf.loads(h5.attrs["manifest"])
+        self._features = _feature_datasets(h5, self.manifest)   # cut name -> (N, D) dataset
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict) -> "CacheWriter":
-        """Start a new file at `path` (replacing any) for rows described by `manifest`."""
+        """Start a new file at `path` (replacing any) for rows described by `manifest`: one
+        `features` dataset, or with several cuts a `cuts` group of one dataset per cut."""
         path = Path(path)
-        dim, dtype = int(manifest["feature_dim"]), manifest["dtype"]
+        dtype = manifest["dtype"]
         # The default libver on purpose: files made with libver="latest" (needed for SWMR)
         # were measured not to reopen after a SIGKILL, which resuming depends on.
         h5 = h5py.File(path, "w")
         try:
-            h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim),
-                              chunks=(rows_per_chunk(dim, dtype), dim))
+            if manifest.get("cuts"):
+                group = h5.create_group("cuts")
+                for cut in manifest["cuts"]:
+                    _create_features(group, cut["name"], int(cut["feature_dim"]), dtype)
+            else:
+                _create_features(h5, "features", int(manifest["feature_dim"]), dtype)
             for name, dt in (("labels", "int64"), ("paths", _STR), ("digests", _DIGEST)):
                 h5.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(4096,))
             h5.create_dataset("errors", (0,), dtype=_ERROR, maxshape=(None,), chunks=(256,))
             h5.attrs["manifest"] = mf.dumps(manifest)
-            h5.attrs["format_version"] = mf.FORMAT_VERSION
+            h5.attrs["format_version"] = (mf.MULTI_CUT_VERSION if manifest.get("cuts")
+                                          else mf.FORMAT_VERSION)
             h5.attrs["committed_rows"] = 0
             h5.attrs["committed_errors"] = 0
             h5.attrs["complete"] = 0
@@ -87,9 +95,12 @@ class CacheWriter:
         try:
             _check_layout(h5, path)
             n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
-            for name in ("features", "labels", "paths", "digests"):
-                if h5[name].shape[0] != n:
-                    h5[name].resize(n, axis=0)
+            manifest = mf.loads(h5.attrs["manifest"])
+            datasets = [*_feature_datasets(h5, manifest).values(),
+                        *(h5[name] for name in ("labels", "paths", "digests"))]
+            for d in datasets:
+                if d.shape[0] != n:
+                    d.resize(n, axis=0)
             if h5["errors"].shape[0] != m:
                 h5["errors"].resize(m, axis=0)
             h5.flush()
@@ -102,20 +113,32 @@ class CacheWriter:
     def committed_rows(self) -> int:
         return int(self._h5.attrs["committed_rows"])
 
-    def commit(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
-               digests: Sequence[str], errors: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Append one batch atomically: data, flush, then the markers, flush."""
+    def commit(self, features: np.ndarray | Mapping[str, np.ndarray], labels: Sequence[int],
+               paths: Sequence[str], digests: Sequence[str],
+               errors: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Append one batch atomically: data, flush, then the markers, flush. `features` is
+        (B, D), or {cut name: (B, D_cut)} for every cut of a several-cut cache."""
         h5, b = self._h5, len(paths)
         n, m = self.committed_rows, int(h5.attrs["committed_errors"])
-        if features.shape != (b, h5["features"].shape[1]):
-            raise UserError(f"batch features have shape {features.shape}, expected ({b}, "
-                             f"{h5['features'].shape[1]})")
+        if not isinstance(features, Mapping):
+            if len(self._features) != 1:
+                raise ValueError(f"this cache holds cuts {', '.join(self._features)}: commit "
+                                 "a dict of features per cut")
+            features = {next(iter(self._features)): features}
+        if set(features) != set(self._features):
+            raise ValueError(f"batch has cuts {sorted(features)}, the cache {list(self._features)}")
+        for name, values in features.items():
+            if values.shape != (b, self._features[name].shape[1]):
+                raise ValueError(f"batch features of {name} have shape {values.shape}, "
+                                 f"expected ({b}, {self._features[name].shape[1]})")
         if b:
-            for name, values in (("features", features), ("labels", np.asarray(labels, "int64")),
-                                 ("paths", np.array(paths, dtype=object)),
-                                 ("digests", np.array(digests, dtype=_DIGEST))):
-                h5[name].resize(n + b, axis=0)
-                h5[name][n:n + b] = values
+            columns = [*((self._features[k], v) for k, v in features.items()),
+                       (h5["labels"], np.asarray(labels, "int64")),
+                       (h5["paths"], np.array(paths, dtype=object)),
+                       (h5["digests"], np.array(digests, dtype=_DIGEST))]
+            for dataset, values in columns:
+                dataset.resize(n + b, axis=0)
+                dataset[n:n + b] = values
         if errors:
             h5["errors"].resize(m + len(errors), axis=0)
             h5["errors"][m:m + len(errors)] = np.array(
@@ -146,9 +169,15 @@ class CacheReader:
 
     Labels are read on opening; paths, digests and errors on first use (then kept); features
     stay on disk until `load_features()` (all into RAM) or `iter_chunks()` (streamed).
+
+    A cache of several cuts serves one at a time: `layer` picks it (by name, alias or graph
+    node); without it, the only cut. `manifest` is then that cut's manifest, as a one-cut
+    cache of it would have; with several cuts and none picked it is the file's own, and the
+    features cannot be read until one is.
     """
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+    def __init__(self, path: str | Path, allow_incomplete: bool = False,
+                 layer: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             hint = (f" (an unfinished one is at {partial_path(self.path)}: re-run the same "
@@ -160,7 +189,12 @@ class CacheReader:
             raise UserError(f"{self.path} is not a readable HDF5 feature cache: {e}") from None
         try:
             _check_layout(self._h5, self.path)
-            self.manifest = mf.loads(self._h5.attrs["manifest"])
+            self.file_manifest = mf.loads(self._h5.attrs["manifest"])
+            self._features = _feature_datasets(self._h5, self.file_manifest)
+            self.cut = self._pick(layer)
+            self.manifest = (mf.cut_manifest(self.file_manifest, self.cut)
+                             if self.cut is not None and len(self._features) > 1
+                             else self.file_manifest)
             self.complete = bool(self._h5.attrs["complete"])
             if not self.complete and not allow_incomplete:
                 raise UserError(f"{self.path} is an incomplete cache (extraction did not finish): "
@@ -170,6 +204,22 @@ class CacheReader:
         except BaseException:
             self._h5.close()
             raise
+
+    def _pick(self, layer: str | None) -> dict | None:
+        cuts = mf.cuts(self.file_manifest)
+        if layer is None:
+            return cuts[0] if len(cuts) == 1 else None
+        cut = mf.find_cut(self.file_manifest, layer)
+        if cut is None:
+            raise UserError(f"{self.path} holds no cut {layer!r}, only "
+                            f"{', '.join(c['name'] for c in cuts)}: pick one of those with "
+                            "--layer, or extract that cut")
+        return cut
+
+    @property
+    def cut_names(self) -> list[str]:
+        """Names of the cuts this cache holds (one for a one-cut cache)."""
+        return list(self._features)
 
     # Paths, digests and errors are read on first use (then kept): as Python strings they
     # cost ~0.5 KiB a row, which training, needing only features and labels, should not pay.
@@ -190,12 +240,16 @@ class CacheReader:
 
     @property
     def features(self) -> h5py.Dataset:
-        """The (N, D) features dataset on disk (rows past `n_rows` are not committed)."""
-        return self._h5["features"]
+        """The (N, D) features dataset of the picked cut on disk (rows past `n_rows` are not
+        committed)."""
+        if self.cut is None:
+            raise UserError(f"{self.path} holds several cuts ({', '.join(self.cut_names)}): "
+                            "pick one with --layer")
+        return self._features[self.cut["name"]]
 
     @property
     def feature_dim(self) -> int:
-        return int(self._h5["features"].shape[1])
+        return int(self.features.shape[1])
 
     @property
     def class_names(self) -> list[str]:
@@ -203,7 +257,10 @@ class CacheReader:
 
     @property
     def chunk_rows(self) -> int:
-        return int(self._h5["features"].chunks[0])
+        """Rows per HDF5 chunk; for a contiguous (unchunked) copy, the rows of ~1 MiB."""
+        chunks = self.features.chunks
+        return int(chunks[0]) if chunks else rows_per_chunk(self.feature_dim,
+                                                            self.features.dtype.str)
 
     def load_features(self, dtype="float32") -> np.ndarray:
         """All committed features in RAM as an (N, D) array of `dtype`."""
@@ -212,13 +269,17 @@ class CacheReader:
             out[start:stop] = block
         return out
 
-    def read_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Features of arbitrary rows, in the order given, as float32 (N', D).
+    def read_rows(self, indices: Sequence[int] | np.ndarray, cut: str | None = None
+                  ) -> np.ndarray:
+        """Features of arbitrary rows, in the order given, as float32 (N', D), of the picked
+        cut or of the cut named `cut` (a one-cut cache has only its own).
 
         Reads contiguous runs as slices: HDF5 fancy indexing row by row is slow.
         """
+        dataset = (self.features if cut is None or len(self._features) == 1
+                   else self._features[cut])
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.feature_dim), dtype=np.float32)
+        out = np.empty((len(indices), dataset.shape[1]), dtype=np.float32)
         order = np.argsort(indices, kind="stable")
         sorted_idx = indices[order]
         if len(sorted_idx) and (sorted_idx[0] < 0 or sorted_idx[-1] >= self.n_rows):
@@ -226,7 +287,7 @@ class CacheReader:
         breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
         pos = 0
         for run in np.split(sorted_idx, breaks) if len(sorted_idx) else []:
-            block = self.features[run[0]: run[-1] + 1]
+            block = dataset[run[0]: run[-1] + 1]
             out[order[pos:pos + len(run)]] = block
             pos += len(run)
         return out
@@ -275,14 +336,32 @@ def read_manifest(path: str | Path) -> tuple[dict, bool]:
 
 
 def _check_layout(h5: h5py.File, path: Path) -> None:
-    missing = [k for k in ("features", "labels", "paths", "digests", "errors") if k not in h5]
+    version = int(h5.attrs.get("format_version", -1))
+    if version not in (mf.FORMAT_VERSION, mf.MULTI_CUT_VERSION):
+        raise UserError(f"{path} has cache format version {version}, this tool reads "
+                        f"{mf.FORMAT_VERSION} and {mf.MULTI_CUT_VERSION}: re-extract it")
+    features = "cuts" if version == mf.MULTI_CUT_VERSION else "features"
+    missing = [k for k in (features, "labels", "paths", "digests", "errors") if k not in h5]
     if missing or "manifest" not in h5.attrs:
         raise UserError(f"{path} is an HDF5 file but not a feature cache "
-                         f"(missing: {', '.join(missing) or 'manifest'})")
-    version = int(h5.attrs.get("format_version", -1))
-    if version != mf.FORMAT_VERSION:
-        raise UserError(f"{path} has cache format version {version}, this tool reads "
-                         f"{mf.FORMAT_VERSION}: re-extract it")
+                        f"(missing: {', '.join(missing) or 'manifest'})")
+
+
+def _create_features(parent, name: str, dim: int, dtype: str) -> None:
+    parent.create_dataset(name, (0, dim), dtype=dtype, maxshape=(None, dim),
+                          chunks=(rows_per_chunk(dim, dtype), dim))
+
+
+def _feature_datasets(h5: h5py.File, manifest: dict) -> dict[str, h5py.Dataset]:
+    """Cut name -> (N, D) features dataset, in the manifest's cut order."""
+    names = [c["name"] for c in mf.cuts(manifest)]
+    if "cuts" not in h5:
+        return {names[0]: h5["features"]}
+    missing = [n for n in names if n not in h5["cuts"]]
+    if missing:
+        raise UserError(f"{h5.filename} is damaged: its manifest names cuts "
+                        f"{', '.join(missing)} that the file does not hold: re-extract it")
+    return {n: h5["cuts"][n] for n in names}
 
 
 def _read_errors(h5: h5py.File) -> list[tuple[str, str, str]]:
@@ -311,20 +390,25 @@ def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".assembling")
     writer = CacheWriter.create(tmp, manifest)
-    block = rows_per_chunk(int(manifest["feature_dim"]), manifest["dtype"]) * 8
+    dims = {c["name"]: int(c["feature_dim"]) for c in mf.cuts(manifest)}
+    block = rows_per_chunk(max(dims.values()), manifest["dtype"]) * 8
+
+    def empty(n: int) -> dict[str, np.ndarray]:
+        return {name: np.empty((n, d), manifest["dtype"]) for name, d in dims.items()}
+
     try:
         for start in range(0, len(rows), block):
             part = rows[start:start + block]
-            feats = np.empty((len(part), int(manifest["feature_dim"])), dtype=manifest["dtype"])
+            feats = empty(len(part))                                   # cut -> (B, D_cut)
             src = np.array([r[0] for r in part])
             src_rows = np.array([r[1] for r in part])
             for s in np.unique(src):
                 mask = src == s
-                feats[mask] = sources[s].read_rows(src_rows[mask])
+                for name, values in feats.items():
+                    values[mask] = sources[s].read_rows(src_rows[mask], cut=name)
             writer.commit(feats, [r[2] for r in part], [r[3] for r in part],
                           [r[4] for r in part])
-        writer.commit(np.empty((0, int(manifest["feature_dim"])), manifest["dtype"]), [], [], [],
-                      errors)
+        writer.commit(empty(0), [], [], [], errors)
         return writer.finish(dest)
     except BaseException:
         writer.close()

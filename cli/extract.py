@@ -90,8 +90,11 @@ def inspect_command(cache: Path, as_json: bool) -> None:
     m = info["manifest"]
     click.echo(f"{cache}: {'complete' if info['complete'] else 'INCOMPLETE'}, {info['rows']} rows "
                f"x {info['feature_dim']} {info['dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
+    cuts = ", ".join(f"{c['name']}" + (f" ({c['layer']})" if c["layer"] != c["name"] else "")
+                     + (f" {c['pool']}-pooled" if c["pool"] else "") + f" {c['feature_dim']}-d"
+                     for c in info["cuts"])
     click.echo(f"  backbone {m['backbone']}  weights {m['weights']} "
-               f"(sha256 {m['weights_sha256'][:12]})  layer {m.get('layer_alias') or m['layer']}")
+               f"(sha256 {m['weights_sha256'][:12]})  layer {cuts}")
     pre = m["preprocessing"]
     click.echo(f"  preprocessing: resize {pre['resize_size']}, crop {pre['crop_size']}, "
                f"{pre['interpolation']}, mean {pre['mean']}, std {pre['std']}")

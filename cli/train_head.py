@@ -137,6 +137,9 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--logreg-standardize/--no-logreg-standardize", default=_D["logreg_standardize"],
               show_default=True, help="Fit logreg on standardized features (folded into the "
                                       "saved layer, which takes raw features).")
+@click.option("--layer", default=_D["layer"],
+              help="The cut to train on, for a cache extracted with several (--layer fc6,fc7): "
+                   "its name, alias or graph node; default: the cache's only cut.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Use the committed rows of caches whose extraction did not finish.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -186,9 +186,12 @@ def _tensors(xs, ys) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list):
-    def open_cache(path, role):
-        reader = CacheReader(path, allow_incomplete=True)
+    def open_cache(path, role, layer):
+        reader = CacheReader(path, allow_incomplete=True, layer=layer)
         readers.append(reader)
+        if reader.cut is None:
+            raise UserError(f"{role} cache {path} holds several cuts "
+                            f"({', '.join(reader.cut_names)}): pick one with --layer")
         if not reader.complete and not cfg.allow_incomplete:
             raise UserError(f"{role} cache {path} is incomplete (extraction did not finish, "
                              f"{reader.n_rows} rows committed): re-run the same `pipeline extract` "
@@ -209,7 +212,7 @@ def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list
             log.warning("%s cache %s: %d unlabeled rows ignored", role, reader.path, unlabeled)
         return labels >= 0
 
-    train_reader = open_cache(train_path, "train")
+    train_reader = open_cache(train_path, "train", cfg.layer)
     keep = labeled(train_reader, "train")
     val = test = None
     if val_path is None and cfg.val_fraction > 0:
@@ -222,7 +225,7 @@ def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list
     for path, role in ((val_path, "val"), (test_path, "test")):
         if path is None:
             continue
-        reader = open_cache(path, role)
+        reader = open_cache(path, role, train_reader.manifest["layer"])   # the same cut
         diff = mf.differences(train_reader.manifest, reader.manifest, MATCH_KEYS)
         if diff:
             raise UserError(

@@ -147,6 +147,26 @@ class _Node(nn.Module):
         return self.extractor(x)["out"]
 
 
+class MultiCut(nn.Module):
+    """Several cuts of one forward pass: normalise once, run the network once up to the last
+    of the nodes, and return {cut name: (N, D_cut)}, each flattened or averaged."""
+
+    def __init__(self, extractor: nn.Module, mean, std, pool: str = "flatten"):
+        super().__init__()
+        self.extractor, self.pool = extractor, pool
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (x - self.mean) / self.std
+        return {name: pool_output(y, self.pool) for name, y in self.extractor(x).items()}
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
 class _PreLogits(nn.Module):
     """A timm model up to its classifier: forward_head(forward_features(x), pre_logits=True)."""
 
@@ -206,18 +226,21 @@ def cut(model: nn.Module, layer: str, backbone: str = "vgg16") -> nn.Module:
     node = resolve_layer(layer, model, backbone)
     if node == PENULTIMATE:                                   # timm's own contract
         return _PreLogits(model)
-    names = _node_names(model, backbone)
+    _check_node(_node_names(model, backbone), node, layer, backbone)
+    if is_timm(backbone):
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    return _Node(create_feature_extractor(model, {node: "out"}))
+
+
+def _check_node(names: list[str], node: str, layer: str, backbone: str) -> None:
     # A module that holds several nodes ("layer3") stands for its last node, as in the library.
     if node not in names and not any(n.startswith(node + ".") for n in names):
         aliases = f"{PENULTIMATE}, fc7, fc6, pool5" if backbone.startswith("vgg") else PENULTIMATE
         raise UserError(f"unknown layer {layer!r} of {backbone}: use {aliases} or a node name "
                         f"such as {names[len(names) // 2]} (all: `pipeline extract --list-layers "
                         f"--backbone {backbone}`)")
-    if is_timm(backbone):
-        from timm.models import create_feature_extractor
-    else:
-        from torchvision.models.feature_extraction import create_feature_extractor
-    return _Node(create_feature_extractor(model, {node: "out"}))
 
 
 def list_layers(backbone: str = "vgg16", image_size: int | None = None) -> list[str]:
@@ -399,35 +422,74 @@ def final_layer(backbone: str, image_size: int | None = None) -> str:
     return names[-1]
 
 
+def split_layers(layer: str) -> list[str]:
+    """`--layer fc6,fc7,pool5` -> ["fc6", "fc7", "pool5"]."""
+    return [part.strip() for part in layer.split(",") if part.strip()]
+
+
 def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
                    layer: str = PENULTIMATE, image_size: int | None = None,
-                   pool: str = "flatten") -> tuple[FrozenBackbone, dict]:
+                   pool: str = "flatten") -> tuple[nn.Module, dict]:
     """Frozen, truncated backbone and a JSON-able description of it.
 
     The description holds: backbone, weights (name), weights_sha256 (of the full
     state_dict used), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
+    `layer` may list several cuts ("fc6,fc7,pool5"): the module then returns {name: (N, D)}
+    from one forward pass, and the description has `cuts` (name, layer, layer_alias, pool,
+    feature_dim of each) instead of the one cut's fields.
     """
     if pool not in POOLS:
         raise UserError(f"unknown pool {pool!r}: use {' or '.join(POOLS)}")
     check_backbone(backbone)
+    layers = split_layers(layer)
+    if not layers:
+        raise UserError(f"--layer {layer!r} names no cut: give one, or several joined by commas")
     model, weights_name, sha = _model(backbone, weights, image_size)
     named = weights if not is_timm(backbone) else "DEFAULT"
     pre = default_preprocessing(backbone, image_size, str(named))
+    info = {"backbone": backbone, "weights": weights_name, "weights_sha256": sha,
+            "preprocessing": pre.to_dict()}
+    if len(layers) > 1:
+        return _multi_cut(model, backbone, layers, pre, pool, info)
     node = resolve_layer(layer, model, backbone)
     frozen = FrozenBackbone(cut(model, node, backbone), pre.mean, pre.std, pool)
     with torch.inference_mode():
         dim = frozen(torch.zeros(2, 3, pre.crop_size, pre.crop_size)).shape[1]
-    info = {
-        "backbone": backbone,
-        "weights": weights_name,
-        "weights_sha256": sha,
+    info.update({
         "layer": node,
         "layer_alias": _alias(backbone, layer, node),
         "pool": None if pool == "flatten" else pool,   # None keeps older caches' manifests equal
         "feature_dim": int(dim),
-        "preprocessing": pre.to_dict(),
-    }
+    })
     return frozen, info
+
+
+def _multi_cut(model: nn.Module, backbone: str, layers: list[str], pre: Preprocessing,
+               pool: str, info: dict) -> tuple[MultiCut, dict]:
+    """One feature extractor returning every cut (timm's `penultimate` as the graph node that
+    feeds its classifier, so that it comes from the same pass)."""
+    names, nodes = _node_names(model, backbone), []
+    for layer in layers:
+        node = resolve_layer(layer, model, backbone)
+        nodes.append(_penultimate_node(model, backbone) if node == PENULTIMATE else node)
+        _check_node(names, nodes[-1], layer, backbone)
+    twice = {n for n in nodes if nodes.count(n) > 1}
+    if twice:
+        raise UserError(f"--layer {','.join(layers)} names the node {twice.pop()} twice: "
+                        "give each cut once")
+    if is_timm(backbone):
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    multi = MultiCut(create_feature_extractor(model, dict(zip(nodes, layers))),
+                     pre.mean, pre.std, pool)
+    with torch.inference_mode():
+        out = multi(torch.zeros(2, 3, pre.crop_size, pre.crop_size))
+    info["cuts"] = [{"name": layer, "layer": node, "layer_alias": _alias(backbone, layer, node),
+                     "pool": None if pool == "flatten" else pool,
+                     "feature_dim": int(out[layer].shape[1])}
+                    for layer, node in zip(layers, nodes)]
+    return multi, info
 
 
 def _alias(backbone: str, layer: str, node: str) -> str | None:
@@ -455,6 +517,7 @@ def to_float_batch(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div(255)
 
 
-__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "ImageInput", "FrozenBackbone", "build_backbone",
+__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "ImageInput", "FrozenBackbone",
+           "MultiCut", "split_layers", "build_backbone",
            "builder_kwargs", "final_layer", "check_backbone", "cut", "default_preprocessing", "list_layers",
            "load_weights", "pool_output", "resolve_layer", "state_dict_sha256", "to_float_batch"]

@@ -80,6 +80,8 @@ class TrainConfig:
                                       # training rows' mean and std (folded into the saved head)
     logreg_standardize: bool = True   # fit on standardized features (folded into the saved layer)
     allow_incomplete: bool = False    # train on the committed rows of unfinished caches
+    layer: str | None = None          # the cut of a several-cut cache to train on (its name,
+                                      # alias or graph node); None: the cache's only cut
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
         raise UserError(f"the parity check needs the cache the head was trained on, and "
                          f"{str(path) or 'none'} is not there: pass --cache PATH, or "
                          "--no-parity-check to export without the check")
-    reader = CacheReader(path)
+    reader = CacheReader(path, layer=meta["cache"]["layer"])   # the head's cut of the cache
     keys = tuple(k for k in mf.FEATURE_KEYS if k != "dtype")   # float32 vs float16 is fine
     diff = mf.differences(meta["cache"], reader.manifest, keys)
     if diff:

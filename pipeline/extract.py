@@ -159,19 +159,24 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
 
 
 def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
-    """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor; on CUDA,
-    (pinned host tensor, event) with the copy back still in flight (the committer waits)."""
+    """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor (a dict of
+    them per cut for several cuts); on CUDA, (pinned host tensors, event) with the copy back
+    still in flight (the committer waits)."""
     cuda = device.type == "cuda"
     x = images.to(device, non_blocking=True)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast:
-        y = model(to_float_batch(x))                     # (B, D)
-    feats = y.to(store_dtype)
+        y = model(to_float_batch(x))                     # (B, D), or {cut: (B, D_cut)}
+    feats = {k: v.to(store_dtype) for k, v in y.items()} if isinstance(y, dict) else y.to(
+        store_dtype)
     if not cuda:
         return feats
-    host = torch.empty(feats.shape, dtype=store_dtype, pin_memory=True)
-    host.copy_(feats, non_blocking=True)
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=store_dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+    host = {k: to_host(v) for k, v in feats.items()} if isinstance(feats, dict) else to_host(feats)
     event = torch.cuda.Event()
     event.record()
     return host, event
@@ -216,13 +221,22 @@ class _Committer:
                 if isinstance(feats, tuple):
                     feats[1].synchronize()
                     feats = feats[0]
-                dim = self.writer.manifest["feature_dim"]
-                array = (feats.numpy() if feats is not None
-                         else np.empty((0, dim), dtype=self.writer.manifest["dtype"]))
-                self.writer.commit(array, labels, paths, digests, errors)
+                self.writer.commit(_arrays(feats, self.writer.manifest), labels, paths, digests,
+                                   errors)
                 log.debug("committed %d rows", self.writer.committed_rows)
             except BaseException as e:  # surfaced in the main thread by put()/close()
                 self.error = e
+
+
+def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
+    """{cut name: (B, D) array} of a batch's features: a tensor for a one-cut cache, a dict
+    for several cuts, None for a batch without a usable image (no rows)."""
+    if feats is None:
+        return {c["name"]: np.empty((0, c["feature_dim"]), manifest["dtype"])
+                for c in mf.cuts(manifest)}
+    if isinstance(feats, dict):
+        return {name: t.numpy() for name, t in feats.items()}
+    return {mf.cuts(manifest)[0]["name"]: feats.numpy()}
 
 
 def _digests(images: ImageList) -> list[str]:
@@ -271,7 +285,7 @@ def _build(config: ExtractConfig):
 def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList) -> dict:
     return {
         **info,
-        "format_version": mf.FORMAT_VERSION,
+        "format_version": mf.MULTI_CUT_VERSION if info.get("cuts") else mf.FORMAT_VERSION,
         "dtype": config.dtype,
         "precision": precision,
         "class_names": list(images.class_names),

@@ -335,7 +335,8 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
     split = kind == VAL_HASH_SPLIT
     path = Path(config.cache or (meta["cache"]["path"] if split else source["path"]))
     try:
-        reader = CacheReader(path, allow_incomplete=bool(meta["config"].get("allow_incomplete")))
+        reader = CacheReader(path, allow_incomplete=bool(meta["config"].get("allow_incomplete")),
+                             layer=meta["cache"]["layer"])
     except ValueError as e:
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
