@@ -1,6 +1,8 @@
 """Extraction efficiency: `pipeline extract` from image files against the bare forward pass.
 
     .venv/bin/python bench/extract.py [--images 256] [--size 64] [--repeats 3] [--threads 1]
+                                      [--backbone resnet50] [--layer penultimate]
+                                      [--cuts fc6,fc7,pool5]
 
 Same batch size, cut and input size for every case; alternated, medians of --repeats rounds
 (ratios: medians of per-round ratios):
@@ -11,6 +13,10 @@ Same batch size, cut and input size for every case; alternated, medians of --rep
                          workers (the default: half the cores), writing in a thread
   extract float32        the same, float32 storage
   extract float16, 0 workers   decoding in the main process, between forward passes
+
+With --cuts, it compares instead: one extraction storing every cut of the list in one pass,
+the list's cuts extracted one by one, and one extraction of the first cut alone (the goal: all
+cuts within 10 % of one cut).
 
 Extract rates are over the compute phase (decode + forward + write), as extract() reports them;
 model building and file hashing happen once per run and are shown separately. To attribute the
@@ -54,7 +60,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layer", default="fc7")
+    ap.add_argument("--backbone", default="vgg16")
+    ap.add_argument("--layer", default="penultimate")
+    ap.add_argument("--cuts", default=None, help="compare one pass over these cuts (fc6,fc7,pool5) "
+                                                 "against them one by one")
     add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
@@ -62,9 +71,11 @@ def main() -> None:
     tmp = scratch("bench-extract-")
     src = tmp / "images"
     make_images(src, args.images)
-    cfg = dict(weights="none", image_size=args.size, batch_size=args.batch_size,
-               layer=args.layer, overwrite=True, progress=False)
-    model, info = build_backbone("vgg16", "none", args.layer, args.size)
+    if args.cuts:
+        return _cuts(args, src, tmp)
+    cfg = dict(backbone=args.backbone, weights="none", image_size=args.size,
+               batch_size=args.batch_size, layer=args.layer, overwrite=True, progress=False)
+    model, info = build_backbone(args.backbone, "none", args.layer, args.size)
     pre = Preprocessing.from_dict(info["preprocessing"])
     paths = sorted(src.rglob("*.jpg"))
     tensors = torch.stack([pre(Image.open(p).convert("RGB")) for p in paths])   # (N, 3, S, S) uint8
@@ -111,7 +122,7 @@ def main() -> None:
     rows.append(["write only (float16 commits)", len(paths) / write_s, base / write_s, "-", "-",
                  "-", "-"])
     print(f"machine: {machine()}")
-    print(f"{len(paths)} JPEGs 256x256 -> vgg16 {args.layer} at {args.size}px, batch "
+    print(f"{len(paths)} JPEGs 256x256 -> {args.backbone} {args.layer} at {args.size}px, batch "
           f"{args.batch_size}, random-init weights; {args.repeats} alternated rounds: images/s "
           "from median times, 'vs bare forward' the median of per-round ratios\n")
     print(table(["case", "images/s", "vs bare forward", "images/s min..max", "KiB / row stored",
@@ -120,6 +131,36 @@ def main() -> None:
     print(f"\nfloat16 storage: {f32['features'] / f16['features']:.2f}x smaller features than "
           f"float32 (files are whole 1 MiB chunks, so small caches round up); whole-run images/s "
           "include building the model and hashing the files, once per run")
+
+
+def _cuts(args, src: Path, tmp: Path) -> None:
+    """One pass storing every cut against the cuts one by one and the first cut alone."""
+    cuts = [c.strip() for c in args.cuts.split(",")]
+    cfg = dict(backbone=args.backbone, weights="none", image_size=args.size,
+               batch_size=args.batch_size, overwrite=True, progress=False)
+
+    def run(layers: list[str]):
+        def case() -> float:
+            total = 0.0
+            for layer in layers:
+                out = tmp / f"{layer.replace(',', '+')}.h5"
+                out.unlink(missing_ok=True)
+                s = extract(src, out, ExtractConfig(**cfg, layer=layer))
+                total += args.images / s.images_per_s          # compute phase, as extract reports
+            return total
+        return case
+
+    one_pass = f"{len(cuts)} cuts in one pass"
+    cases = {one_pass: run([",".join(cuts)]), f"{len(cuts)} single-cut extractions": run(cuts),
+             f"{cuts[0]} alone": run(cuts[:1])}
+    times = alternate(cases, args.repeats)
+    rows = [[name, args.images / median(ts), paired(times, name, f"{cuts[0]} alone"),
+             spread([args.images / v for v in ts])] for name, ts in times.items()]
+    print(f"machine: {machine()}")
+    print(f"{args.images} JPEGs 256x256 -> {args.backbone} at {args.size}px, batch "
+          f"{args.batch_size}, random-init weights; {args.repeats} alternated rounds; time "
+          f"relative to extracting {cuts[0]} alone (median of per-round ratios)\n")
+    print(table(["case", "images/s", f"time vs {cuts[0]} alone", "images/s min..max"], rows))
 
 
 def _decode_only(paths: list[Path], pre: Preprocessing) -> float:

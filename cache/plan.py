@@ -1,22 +1,24 @@
 """Planning an incremental extraction: which images already have a row, which to compute.
 
 An image is matched to a cached row by (path, content digest), so a changed file is computed
-again and a removed one is dropped. The sources of reusable rows are the complete cache and
-the `.partial` file of an unfinished earlier run, in that order; where both hold an image the
-later one wins, being the newer computation. Images arrive as plain lists, so this module
-needs no model and no torch:
+again and a removed one is dropped. The sources of reusable rows are the complete cache, the
+`.partial` file of an unfinished one-process run and the `.shard-R` files of the ranks of an
+unfinished many-process run (whatever their number), in that order; where several hold an
+image the later one wins, being the newer computation. Images arrive as plain lists, so this
+module needs no model and no torch:
 
-    old, held = open_existing(output, manifest, overwrite)
+    sources = open_existing(output, manifest, overwrite)      # [cache, partial, shards...]
     try:
-        planned = plan(paths, labels, class_names, digests, [r for r in (old, held) if r])
+        planned = plan(paths, labels, class_names, digests, [r for r in sources if r])
     finally:
-        ...close old and held...
-    # compute planned.todo into partial_path(output), batch by batch
+        ...close the sources...
+    # compute planned.todo into partial_path(output) (or shard_path(output, rank)), batch by batch
     final = finalize(output, manifest, paths, labels, class_names, digests)
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -115,48 +117,84 @@ def open_compatible(path: str | Path, manifest: dict, overwrite: bool) -> CacheR
     return reader
 
 
-def open_existing(output: str | Path, manifest: dict, overwrite: bool
-                  ) -> tuple[CacheReader | None, CacheReader | None]:
-    """Readers on the complete cache at `output` and on its `.partial` (see `open_compatible`).
+def shard_path(output: str | Path, rank: int) -> Path:
+    """Where rank `rank` of a many-process extraction commits its batches."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.shard-{rank}")
 
-    If the partial is refused, the reader on the complete cache is closed before raising.
+
+def shard_paths(output: str | Path) -> list[Path]:
+    """The shard files beside `output`, by rank (any number of ranks, any earlier run)."""
+    output = Path(output)
+    found = []
+    for p in output.parent.glob(f"{glob.escape(output.name)}.shard-*"):
+        suffix = p.name[len(output.name) + len(".shard-"):]
+        if suffix.isdigit():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def open_existing(output: str | Path, manifest: dict, overwrite: bool
+                  ) -> list[CacheReader | None]:
+    """Readers on the complete cache at `output`, its `.partial`, and its shards, in that order
+    (None for the first two where there is none; see `open_compatible`).
+
+    If one is refused, those already open are closed before raising.
     """
-    old = open_compatible(output, manifest, overwrite)
+    opened: list[CacheReader | None] = []
     try:
-        return old, open_compatible(partial_path(output), manifest, overwrite)
+        for path in (output, partial_path(output), *shard_paths(output)):
+            opened.append(open_compatible(path, manifest, overwrite))
+        return opened
     except BaseException:
-        if old is not None:
-            old.close()
+        for r in opened:
+            if r is not None:
+                r.close()
         raise
 
 
+def known_stats(sources: Sequence[CacheReader]) -> dict[str, tuple[int, int, str]]:
+    """path -> (size, mtime_ns, digest) of every row whose file stats were kept: while a file
+    still has that size and mtime, its digest can be trusted without reading it."""
+    known = {}
+    for src in sources:
+        for path, digest, (size, mtime) in zip(src.paths, src.digests, src.stats.tolist()):
+            if size >= 0:
+                known[path] = (size, mtime, digest)
+    return known
+
+
 def finalize(output: str | Path, manifest: dict, paths: Sequence[str], labels: Sequence[int],
-             class_names: Sequence[str], digests: Sequence[str]) -> Plan:
+             class_names: Sequence[str], digests: Sequence[str],
+             updates: dict | None = None) -> Plan:
     """Put the complete cache of these images at `output`, once their rows are computed.
 
-    New rows are in `partial_path(output)`, reused ones may be in the cache at `output`. When
-    the partial alone is exactly the cache (nothing reused from `output`, nothing dropped), it
-    is marked complete and renamed into place; otherwise the rows of both are assembled into a
-    new file and the partial is removed. An image still without a row is recorded as an error
-    (`CHANGED_REASON`) and tried again by the next run. Returns the plan of the written cache.
+    New rows are in `partial_path(output)` or in shards, reused ones may be in the cache at
+    `output`. When the partial alone is exactly the cache (nothing reused, nothing dropped, no
+    shards), it is marked complete and renamed into place; otherwise the rows of all sources
+    are assembled into a new file, in image order, and the partial and shards are removed. An
+    image still without a row is recorded as an error (`CHANGED_REASON`) and tried again by
+    the next run. `updates` are added to the manifest. Returns the plan of the written cache.
     """
     output, part = Path(output), partial_path(output)
+    shards = shard_paths(output)
     with contextlib.ExitStack() as stack:
         old = open_compatible(output, manifest, overwrite=True)
-        if old is not None:
-            stack.enter_context(old)
-        held = stack.enter_context(CacheReader(part, allow_incomplete=True))
-        sources = [r for r in (old, held) if r is not None]
+        held = [CacheReader(p, allow_incomplete=True) for p in (part, *shards) if p.exists()]
+        sources = [stack.enter_context(r) for r in ([old] if old is not None else []) + held]
         final = plan(paths, labels, class_names, digests, sources, changed_reason=CHANGED_REASON)
-        updates = {"rows": len(final.rows), "errors": len(final.errors)}
-        renamed = final.is_whole(held, len(sources) - 1)
+        updates = {**(updates or {}), "rows": len(final.rows), "errors": len(final.errors)}
+        renamed = (len(held) == 1 and not shards
+                   and final.is_whole(held[0], len(sources) - 1))
         if not renamed:
             assemble(output, {**manifest, **updates}, sources, final.output_rows(), final.errors)
     if renamed:   # after the readers are closed: finish() reopens the partial for writing
         finish(part, output, updates)
     else:
-        part.unlink(missing_ok=True)
+        for p in (part, *shards):
+            p.unlink(missing_ok=True)
     return final
 
 
-__all__ = ["CHANGED_REASON", "Plan", "finalize", "open_compatible", "open_existing", "plan"]
+__all__ = ["CHANGED_REASON", "Plan", "finalize", "known_stats", "open_compatible",
+           "open_existing", "plan", "shard_path", "shard_paths"]

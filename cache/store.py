@@ -7,6 +7,9 @@ File layout (any HDF5 tool reads it):
     labels    (N,)   int64, -1 for unlabeled
     paths     (N,)   UTF-8 strings, relative to the source root
     digests   (N,)   SHA-256 hex of each image file
+    stats     (N, 2) int64 size and modification time (ns) of each file when it was hashed:
+                     while both are unchanged the digest is trusted without reading the file
+                     (absent from caches written before it existed)
     errors    (M,)   compound (path, digest, reason): images that could not be used
     attrs: manifest (JSON), format_version, committed_rows, committed_errors, complete
 
@@ -74,6 +77,8 @@ class CacheWriter:
                 _create_features(h5, "features", int(manifest["feature_dim"]), dtype)
             for name, dt in (("labels", "int64"), ("paths", _STR), ("digests", _DIGEST)):
                 h5.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(4096,))
+            h5.create_dataset("stats", (0, 2), dtype="int64", maxshape=(None, 2),
+                              chunks=(4096, 2))
             h5.create_dataset("errors", (0,), dtype=_ERROR, maxshape=(None,), chunks=(256,))
             h5.attrs["manifest"] = mf.dumps(manifest)
             h5.attrs["format_version"] = (mf.MULTI_CUT_VERSION if manifest.get("cuts")
@@ -97,7 +102,8 @@ class CacheWriter:
             n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
             manifest = mf.loads(h5.attrs["manifest"])
             datasets = [*_feature_datasets(h5, manifest).values(),
-                        *(h5[name] for name in ("labels", "paths", "digests"))]
+                        *(h5[name] for name in ("labels", "paths", "digests", "stats")
+                          if name in h5)]
             for d in datasets:
                 if d.shape[0] != n:
                     d.resize(n, axis=0)
@@ -115,9 +121,12 @@ class CacheWriter:
 
     def commit(self, features: np.ndarray | Mapping[str, np.ndarray], labels: Sequence[int],
                paths: Sequence[str], digests: Sequence[str],
-               errors: Sequence[tuple[str, str, str]] = ()) -> None:
+               errors: Sequence[tuple[str, str, str]] = (),
+               stats: Sequence[tuple[int, int]] | None = None) -> None:
         """Append one batch atomically: data, flush, then the markers, flush. `features` is
-        (B, D), or {cut name: (B, D_cut)} for every cut of a several-cut cache."""
+        (B, D), or {cut name: (B, D_cut)} for every cut of a several-cut cache; `stats` the
+        (size, mtime_ns) of each file when hashed (unknown: -1, and the file is hashed again
+        next time)."""
         h5, b = self._h5, len(paths)
         n, m = self.committed_rows, int(h5.attrs["committed_errors"])
         if not isinstance(features, Mapping):
@@ -136,6 +145,9 @@ class CacheWriter:
                        (h5["labels"], np.asarray(labels, "int64")),
                        (h5["paths"], np.array(paths, dtype=object)),
                        (h5["digests"], np.array(digests, dtype=_DIGEST))]
+            if "stats" in h5:
+                columns.append((h5["stats"], np.asarray(stats if stats is not None else
+                                                        [(-1, -1)] * b, "int64").reshape(b, 2)))
             for dataset, values in columns:
                 dataset.resize(n + b, axis=0)
                 dataset[n:n + b] = values
@@ -234,6 +246,14 @@ class CacheReader:
         return [d.decode("ascii") for d in self._h5["digests"][: self.n_rows]]
 
     @functools.cached_property
+    def stats(self) -> np.ndarray:
+        """(N, 2) int64 size and mtime_ns of each file when it was hashed; -1 where unknown
+        (every row of a cache written before they were kept)."""
+        if "stats" not in self._h5:
+            return np.full((self.n_rows, 2), -1, np.int64)
+        return self._h5["stats"][: self.n_rows].astype(np.int64)
+
+    @functools.cached_property
     def errors(self) -> list[tuple[str, str, str]]:
         """(path, digest, reason) of every image that could not be used."""
         return _read_errors(self._h5)
@@ -328,6 +348,24 @@ def finish(partial: str | Path, final_path: str | Path, manifest_updates: dict |
     return Path(final_path)
 
 
+def refresh_stats(path: str | Path, rows: Sequence[int], stats: Sequence[tuple[int, int]]
+                  ) -> None:
+    """Record new (size, mtime_ns) for rows of a complete cache whose files were found
+    unchanged in content (touched, or copied without their times), so that the next run trusts
+    them again. Only the stats dataset changes: a write torn by a crash leaves each row with
+    its old or its new stats, both true of the same content."""
+    if not len(rows):
+        return
+    with h5py.File(path, "r+") as h5:
+        if "stats" not in h5:
+            return
+        order = np.argsort(rows)
+        data = h5["stats"][:]
+        data[np.asarray(rows)[order]] = np.asarray(stats, np.int64).reshape(-1, 2)[order]
+        h5["stats"][:] = data
+        h5.flush()
+
+
 def read_manifest(path: str | Path) -> tuple[dict, bool]:
     """(manifest, complete) of a cache file, finished or not."""
     with h5py.File(path, "r") as h5:
@@ -402,12 +440,14 @@ def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
             feats = empty(len(part))                                   # cut -> (B, D_cut)
             src = np.array([r[0] for r in part])
             src_rows = np.array([r[1] for r in part])
+            stats = np.empty((len(part), 2), np.int64)
             for s in np.unique(src):
                 mask = src == s
                 for name, values in feats.items():
                     values[mask] = sources[s].read_rows(src_rows[mask], cut=name)
+                stats[mask] = sources[s].stats[src_rows[mask]]
             writer.commit(feats, [r[2] for r in part], [r[3] for r in part],
-                          [r[4] for r in part])
+                          [r[4] for r in part], stats=stats)
         writer.commit(empty(0), [], [], [], errors)
         return writer.finish(dest)
     except BaseException:

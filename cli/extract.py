@@ -46,12 +46,23 @@ _D = defaults(ExtractConfig)
               help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
 @click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
               "with other settings.")
+@click.option("--rehash", is_flag=True,
+              help="Hash every image again; by default an image whose size and modification "
+                   "time are unchanged keeps its recorded digest (a stat, not a read).")
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=_D["dist_timeout"],
+              show_default=True,
+              help="Under torchrun: seconds a rank waits for the others at a meeting point "
+                   "before failing with the ranks that did not come.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image had to be skipped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @fail_on_user_error
 def extract_command(source: Path | None, output: Path | None, quiet: bool, list_layers: bool,
                     **options) -> None:
     """Run the frozen backbone over the images in SOURCE and cache the activations in -o.
+
+    \b
+    On several processes, GPUs or machines, launch it with torchrun (same cache):
+      torchrun --nproc-per-node 8 --no-python pipeline extract SOURCE -o CACHE.h5
 
     SOURCE is a folder of class sub-folders (ImageFolder layout), a folder of unlabeled
     images, or a .csv/.tsv list of path[,label]. Re-running the same command resumes an
@@ -68,6 +79,8 @@ def extract_command(source: Path | None, output: Path | None, quiet: bool, list_
 
     config = ExtractConfig(**options, progress=False if quiet else None)
     summary = extract(source, output, config)
+    if summary.rank != 0:      # under torchrun, rank 0 speaks for the job
+        return
     for path, reason in summary.bad[:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(summary.bad) > 20:

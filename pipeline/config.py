@@ -39,6 +39,10 @@ class ExtractConfig:
     precision: str = "auto"          # forward precision: auto (bfloat16 on GPU, float32 on CPU),
                                      # float32, bfloat16, float16 (autocast)
     overwrite: bool = False          # start again when an existing cache does not match
+    rehash: bool = False             # hash every image again, even those whose size and mtime
+                                     # are unchanged since their digest was kept
+    dist_timeout: float = 1800.0     # torchrun: seconds a rank waits for the others at a
+                                     # meeting point before naming the missing ones
     strict: bool = False             # skipped images make the run fail (after it finishes)
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
 

@@ -15,8 +15,10 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,19 +31,25 @@ from torch.utils.data import DataLoader
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.plan import Plan, finalize, open_existing, plan
-from cache.store import CacheWriter, partial_path
+from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_path,
+                        shard_paths)
+from cache.store import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
 from ._progress import progress
 from .config import DTYPES, PRECISIONS, ExtractConfig
 from .backbone import Preprocessing, build_backbone, to_float_batch
+from ._distributed import Job
 from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
 from .images import ImageList, find_images
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The settings that decide the features, as recorded in a cache's manifest["config"]: equal
+# ones (and the same torch and torchvision) let a re-run trust the cache without a model.
+_SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype")
+_MISSING = object()
 
 
 @dataclass
@@ -60,82 +68,248 @@ class ExtractSummary:
     up_to_date: bool
     device: str
     manifest: dict
+    hashed: int = 0           # image files read to hash them (the others cost a stat)
+    world_size: int = 1       # processes of the job (torchrun ranks)
+    rank: int = 0             # this process's rank (only rank 0's summary describes the cache)
 
     def line(self) -> str:
         if self.up_to_date:
             return f"{self.path}: up to date ({self.rows} rows, {len(self.bad)} skipped images)"
+        ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
         return (f"{self.path}: {self.rows} rows ({self.computed} computed, {self.reused} reused, "
                 f"{self.removed} dropped), {len(self.bad)} skipped images, {self.seconds:.1f} s, "
-                f"{self.images_per_s:.1f} images/s on {self.device}")
+                f"{self.images_per_s:.1f} images/s on {self.device}{ranks}")
 
 
 def extract(source: str | Path, output: str | Path, config: ExtractConfig = ExtractConfig()
             ) -> ExtractSummary:
     """Extract features of every image under `source` into the cache file `output`.
 
+    Run by torchrun (WORLD_SIZE > 1), every rank calls this with the same arguments: the ranks
+    list and plan alike, share the hashing, compute their deal of the batches into their own
+    shard beside `output`, and rank 0 assembles the cache a single process would have written.
+
     Raises UserError for user mistakes (bad source, mismatching cache, unwritable output);
     with `config.strict`, also when images had to be skipped (after the cache is written).
     """
+    with Job.from_env(config.dist_timeout) as job:
+        return _finish_strict(_extract(Path(source), Path(output), config, job), config)
+
+
+def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> ExtractSummary:
     t0 = time.perf_counter()
-    output, part_path = Path(output), partial_path(output)
+    images, device, precision = job.step("checking the input", lambda: _prepare(
+        source, output, config, job))
+    if job.distributed:
+        _check_shared(output, job)
+    sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
+    try:
+        listing, stats, hashed = _listing(images, known_stats([r for r in sources if r]),
+                                          config.rehash, job)
+        # The same settings as the cache's: decide whether anything is to be done before
+        # building a model (for a large backbone, the slowest part of a no-op re-run).
+        settled = _settled(sources[0] or None, config, precision)
+        if settled is not None:
+            planned = plan(*listing, [r for r in sources if r])
+            if _up_to_date(planned, sources):
+                stale = _stale_stats(planned, sources[0], stats)
+            else:
+                settled = None
+    finally:
+        _close(sources)
+    if settled is not None:                  # up to date
+        if job.lead:
+            refresh_stats(output, *stale)
+        return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
+                              _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
+                              settled, hashed, job.world_size, job.rank)
+    model, info = job.step("building the backbone", lambda: _build(config))
+    manifest = _manifest(info, config, precision, images)
+    sources = job.step("opening the existing cache", lambda: _open_all(
+        output, manifest, config.overwrite))
+    try:
+        planned = plan(*listing, [r for r in sources if r is not None])
+        up_to_date = _up_to_date(planned, sources)
+        removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
+        resume = sources[1] is not None if not job.distributed else None
+    finally:
+        _close(sources)
+    if up_to_date:
+        return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
+                              _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
+                              manifest, hashed, job.world_size, job.rank)
+    computed, compute_s = _compute(model, images, planned, stats, manifest, output, resume,
+                                   config, device, precision, job)
+    final = job.step("assembling the cache", lambda: finalize(
+        output, manifest, *listing, updates={"world_size": job.world_size}) if job.lead else None)
+    final = final or planned   # ranks other than 0 report the plan; rank 0 prints the summary
+    return ExtractSummary(
+        str(output), len(final.rows), computed, len(final.rows) - computed, removed, _bad(final),
+        time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
+        str(device), manifest, hashed, job.world_size, job.rank)
+
+
+def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     _check_config(config)
     _check_output(output)
     images = find_images(source)
-    device = resolve_device(config.device)
-    precision = _precision(config.precision, device)
-    model, info = _build(config)
-    manifest = _manifest(info, config, precision, images)
-    listing = (images.paths, images.labels, images.class_names, _digests(images))
+    device = resolve_device(job.device(config.device))
+    return images, device, _precision(config.precision, device)
 
-    old, held = open_existing(output, manifest, config.overwrite)   # complete cache, earlier run
+
+def _check_shared(output: Path, job: Job) -> None:
+    """Every rank must see the folder of -o (the shards meet there): rank 0 leaves a marker,
+    each rank looks for it."""
+    def marker_for(token: str) -> Path:
+        return output.parent / f".{output.name}.ranks-{token}"
+    if job.lead:
+        token = uuid.uuid4().hex
+        marker_for(token).touch()          # before the others learn its name
+    marker = marker_for(job.gather(token if job.lead else None)[0])
     try:
-        planned = plan(*listing, [r for r in (old, held) if r is not None])
-        up_to_date = old is not None and held is None and planned.is_whole(old, 0)
-        removed = 0 if old is None else planned.dropped(old)   # read while `old` is open
+        job.step("checking the output folder", lambda: None if marker.exists() else _unseen(
+            output, job))
     finally:
-        for r in (old, held):
-            if r is not None:
-                r.close()
-    if up_to_date:
-        return _finish_strict(ExtractSummary(
-            str(output), len(planned.rows), 0, len(planned.rows), 0, _bad(planned),
-            time.perf_counter() - t0, 0.0, True, str(device), manifest), config)
+        if job.lead:
+            marker.unlink(missing_ok=True)
 
-    writer = (CacheWriter.resume(part_path) if held is not None
-              else CacheWriter.create(part_path, manifest))
-    with writer:
-        rows_before = writer.committed_rows
-        t_compute = time.perf_counter()
-        _run(model, images, planned.todo, writer, config, device, precision)
-        compute_s = time.perf_counter() - t_compute
-        computed = writer.committed_rows - rows_before   # images that failed to decode add none
-    final = finalize(output, manifest, *listing)
-    return _finish_strict(ExtractSummary(
-        str(output), len(final.rows), computed, len(final.rows) - computed, removed, _bad(final),
-        time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
-        str(device), manifest), config)
+
+def _unseen(output: Path, job: Job):
+    raise UserError(f"{socket.gethostname()} does not see rank 0's files in {output.parent}: "
+                    "with several nodes, -o must be on a filesystem every node sees (NFS, "
+                    "Lustre, ...)")
+
+
+def _open_all(output: Path, manifest: dict | None, overwrite: bool) -> list:
+    """The existing cache, partial and shards; without a manifest (before the model is built),
+    whatever of them is readable, for their file stats and recorded settings (an unreadable
+    one as False: the full check after building the model says what is wrong with it)."""
+    if manifest is not None:
+        return open_existing(output, manifest, overwrite)
+    out = []
+    for path in (output, partial_path(output), *shard_paths(output)):
+        try:
+            out.append(CacheReader(path, allow_incomplete=True) if path.exists() else None)
+        except UserError:
+            out.append(False)
+    return out
+
+
+def _close(sources) -> None:
+    for r in sources:
+        if r:
+            r.close()
+
+
+def _up_to_date(planned: Plan, sources: list) -> bool:
+    old, others = sources[0], [r for r in sources[1:] if r is not None]
+    return bool(old) and not others and planned.is_whole(old, 0)
+
+
+def _stale_stats(planned: Plan, old: CacheReader, stats: list) -> tuple[list, list]:
+    """(rows, current stats) of the cache's rows whose files kept their content but not their
+    size/mtime record (touched, or copied without their times)."""
+    kept = old.stats
+    rows = [(r, stats[i]) for i, _, r in planned.rows if tuple(kept[r]) != tuple(stats[i])]
+    return [r for r, _ in rows], [s for _, s in rows]
+
+
+def _settled(old: CacheReader | None, config: ExtractConfig, precision: str) -> dict | None:
+    """The complete cache's manifest when it was made with these very settings, so that it can
+    be trusted without building the model (which computes the weights' SHA-256); else None.
+    A local weights file is never trusted so: its content may have changed under its name."""
+    if old is None or not old.complete or str(config.weights).lower() not in ("none", "default") \
+            and Path(config.weights).exists():
+        return None
+    m = old.file_manifest
+    recorded = m.get("config") or {}
+    mine = {k: v for k, v in asdict(config).items() if k != "progress"}
+    same = [k for k in _SETTINGS if recorded.get(k, _MISSING) == mine[k]]
+    versions = m.get("versions") or {}
+    if (len(same) < len(_SETTINGS) or m.get("precision") != precision
+            or versions.get("torch") != torch.__version__
+            or versions.get("torchvision") != torchvision.__version__):
+        return None
+    return m
+
+
+def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, output: Path,
+             resume: bool | None, config: ExtractConfig, device, precision: str, job: Job
+             ) -> tuple[int, float]:
+    """Compute this rank's deal of the planned batches; return the job's rows computed and its
+    compute seconds (the slowest rank's)."""
+    batches = [planned.todo[k:k + config.batch_size]
+               for k in range(0, len(planned.todo), config.batch_size)]
+    if job.distributed:
+        path = shard_path(output, job.rank)
+        resume = path.exists()
+    else:
+        path = partial_path(output)
+
+    def run() -> tuple[int, float]:
+        writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
+        with writer:
+            rows_before = writer.committed_rows
+            t = time.perf_counter()
+            _run(model, images, job.share(batches), stats, writer, config, device, precision,
+                 job, len(planned.todo))
+            return writer.committed_rows - rows_before, time.perf_counter() - t
+    done = job.gather(job.step("computing", run))
+    return sum(n for n, _ in done), max(s for _, s in done)
+
+
+def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
+    """((paths, labels, class names, digests), (size, mtime_ns) of each file, files read to
+    hash them) of the images. A file whose size and mtime equal those kept with its digest is not
+    read again (unless `rehash`); the ranks hash a share each and exchange the results."""
+    def one(i: int):
+        path = images.absolute(i)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "", (-1, -1), 0
+        stat = (st.st_size, st.st_mtime_ns)
+        kept = known.get(images.paths[i])
+        if not rehash and kept is not None and kept[:2] == stat:
+            return kept[2], stat, 0
+        return digest_or_blank(path), stat, 1
+
+    mine = job.share(range(len(images.paths)))
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        done = list(pool.map(one, mine))
+    parts = job.gather(done)
+    results = [None] * len(images.paths)
+    for rank, part in enumerate(parts):
+        results[rank::job.world_size] = part
+    digests = [d for d, _, _ in results]
+    return ((images.paths, images.labels, images.class_names, digests),
+            [s for _, s, _ in results], sum(h for _, _, h in results))
 
 
 def _bad(planned: Plan) -> list[tuple[str, str]]:
     return [(p, reason) for p, _, reason in planned.errors]
 
 
-def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config: ExtractConfig,
-         device: torch.device, precision: str) -> None:
-    """Compute features for images `todo`, committing one batch at a time.
+def _run(model, images: ImageList, batches: list[list[int]], stats: list, writer: CacheWriter,
+         config: ExtractConfig, device: torch.device, precision: str, job: Job, total: int
+         ) -> None:
+    """Compute features for the images of `batches` (lists of image indices), committing one
+    batch at a time with each file's (size, mtime_ns) from `stats`.
 
     Decoding runs in DataLoader workers and HDF5 writing in a thread, both overlapped
-    with the forward pass. Batches are cut from `todo` in order, so a resumed run forms
-    the same batches as an uninterrupted one (bit-identical features on the CPU).
+    with the forward pass. The batches are cut from the images to compute in order, so a
+    resumed run forms the same batches as an uninterrupted one (bit-identical features on the
+    CPU), whichever rank computes them. The progress line (rank 0's) counts every rank's
+    images, of `total`.
     """
-    if not todo:
+    if not batches:
         return
     pre = Preprocessing.from_dict(writer.manifest["preprocessing"])
     cuda = device.type == "cuda"
     model = model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    batches = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
+    done = job.counter("extract/images")
     loader = DataLoader(ImageBatches(images, pre), batch_sampler=batches, collate_fn=collate,
                         num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision])
@@ -143,14 +317,15 @@ def _run(model, images: ImageList, todo: list[int], writer: CacheWriter, config:
     store_dtype = getattr(torch, config.dtype)
     committer = _Committer(writer)
     try:
-        with progress(len(todo), "extract", config.progress) as bar, torch.inference_mode():
+        shown = config.progress if job.lead else False
+        with progress(total, "extract", shown) as bar, torch.inference_mode():
             for batch in loader:
                 feats = (_forward(model, batch["images"], device, autocast, store_dtype)
                          if len(batch["index"]) else None)
                 committer.put(feats, [images.labels[i] for i in batch["index"]],
                               [images.paths[i] for i in batch["index"]], batch["digests"],
-                              batch["errors"])
-                bar.update(len(batch["index"]) + len(batch["errors"]))
+                              batch["errors"], [stats[i] for i in batch["index"]])
+                bar.update(done(len(batch["index"]) + len(batch["errors"])) - bar.n)
         committer.close()
     finally:
         # Also when the loop raised: the caller closes the writer next, which must not race a
@@ -216,13 +391,13 @@ class _Committer:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue   # drain so the producer never blocks on a dead writer
-            feats, labels, paths, digests, errors = item
+            feats, labels, paths, digests, errors, stats = item
             try:
                 if isinstance(feats, tuple):
                     feats[1].synchronize()
                     feats = feats[0]
                 self.writer.commit(_arrays(feats, self.writer.manifest), labels, paths, digests,
-                                   errors)
+                                   errors, stats)
                 log.debug("committed %d rows", self.writer.committed_rows)
             except BaseException as e:  # surfaced in the main thread by put()/close()
                 self.error = e
