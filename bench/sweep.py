@@ -5,7 +5,8 @@ scikit-learn's LogisticRegression over K values of C.
 
 A synthetic float16 cache of fc7-like features (20,000 x 4096, 10 classes, class structure from
 Gaussian class means: see bench/_common.synthetic_cache) and a 2,000-row validation cache of the
-same problem. K = 1, 8, 32, 128 linear AdamW heads (batch 256), the grid
+same problem. K = 1, 8, 32, 128 linear AdamW heads (batch 256, on standardized features:
+train_head's default, as scikit-learn's side below), the grid
 lr (8 values, 1e-4..3e-2) x weight decay (0, 1e-4, 1e-3, 1e-2) x seed (0..3), taken as
 K=1: lr 1e-3; K=8: the 8 lrs; K=32: x 4 weight decays; K=128: x 4 seeds.
 

@@ -43,7 +43,7 @@ class Result:
     state: dict                    # head state_dict, taking raw features
     history: list                  # per-epoch dicts
     best_epoch: int | None
-    final: dict                    # {"train": metrics, "val": metrics, "test": metrics}, as measured
+    final: dict                    # role ("train", "val", "test") -> metrics, where measured
     extra: dict                    # kind-specific facts for the metadata
 
 
@@ -99,7 +99,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "class_names": list(ctx.class_names), "hyperparameters": e.params(),
         "config": asdict(ctx.cfg), "best_epoch": r.best_epoch,
         "weights_epoch": r.best_epoch if ctx.cfg.patience else (len(r.history) or None), **r.extra,
-        "cache": {"path": str(ctx.train.reader.path.resolve()), "fingerprint": mf.feature_fingerprint(m),
+        "cache": {"path": str(ctx.train.reader.path.resolve()),
+                  "fingerprint": mf.feature_fingerprint(m),
                   **{k: m.get(k) for k in (*mf.FEATURE_KEYS, "layer_alias")}},
         "data": {"train_rows": len(ctx.train.rows),
                  "val_rows": len(ctx.val.rows) if ctx.val else 0,

@@ -134,6 +134,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         resume = sources[1] is not None if not job.distributed else None
     finally:
         _close(sources)
+    job.wait("planning")   # every rank's readers closed before a rank opens its shard to write
     if up_to_date:
         return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
                               _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),

@@ -73,7 +73,10 @@ def test_batching_and_workers_do_not_change_predictions(setup):
     one = predict(setup["model"], [setup["images"]], PredictConfig(workers=0, progress=False))
     many = predict(setup["model"], [setup["images"]],
                    PredictConfig(batch_size=2, workers=1, progress=False))
-    np.testing.assert_allclose(one.logits, many.logits, atol=1e-5)
+    # Other batch sizes sum in another order: float32 rounding, relative to the logits' size
+    # (a head trained on standardized pool5 features gives logits in the tens).
+    scale = max(1.0, float(np.abs(one.logits).max()))
+    np.testing.assert_allclose(one.logits, many.logits, atol=1e-5 * scale)
     assert [p["path"] for p in one.predictions] == [p["path"] for p in many.predictions]
 
 
