@@ -244,7 +244,7 @@ def test_refuses_unknown_and_corrupt_heads(work, tmp_path):
 
 def test_refuses_formats_this_head_cannot_take(work, tmp_path):
     _refused([work["runs"]["mlp"], "-o", tmp_path / "m.pth", "--format", "torchvision"],
-             "mlp head on fc7", "--format pt2 or onnx")
+             "mlp head on vgg16 fc7", "--format pt2 or onnx")
     run = _edit_head(work, tmp_path / "run", layer="classifier.1", layer_alias="fc6")
     _refused([run, "-o", tmp_path / "m.pth", "--format", "torchvision"], "linear head on fc6")
     _refused([work["runs"]["linear"], "-o", tmp_path / "m.onnx"], "m.pt2", "format")
