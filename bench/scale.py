@@ -1,0 +1,172 @@
+"""Scaling out and re-running: `pipeline extract` on 1 rank against 2 torchrun ranks, and what a
+re-run costs when nothing (or little) changed.
+
+    .venv/bin/python bench/scale.py [--images 256] [--size 64] [--repeats 3]
+                                    [--small-images 20000] [--only ranks|rerun]
+
+ranks   The same --images JPEGs (256 x 256, VGG16 fc7 at --size px, random-init, batch 32, float16)
+        extracted by one process and by `torchrun --standalone --nproc-per-node 2`, one thread
+        (OMP_NUM_THREADS=1) and no decoding workers per rank, alternating for --repeats rounds.
+        images/s is the job's: images computed / the slowest rank's compute phase (what the
+        summary line reports); the launch (imports, process group, model build) is shown apart
+        as whole-command seconds. Goal: 2 ranks >= 1.8x one.
+rerun   --small-images 8 x 8 PNGs (ResNet18 penultimate at 32 px): the first extraction; a
+        no-op re-run (each unchanged image costs a stat); the same with --rehash (every file
+        read and hashed); the floor, listing the folder in Python (os.scandir + stat of every
+        file); and adding 10 images to the cache, against the first extraction.
+
+Every case in a table runs in the same invocation, alternating where repeated; ratios are
+medians of per-round ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench._common import (alternate, machine, median, paired, quiet, scratch,  # noqa: E402
+                           spread, table)
+from bench.extract import make_images  # noqa: E402
+from pipeline import ExtractConfig, extract  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# One rank's run: the summary goes to a JSON file (rank 0's), not through its printed line.
+_ENTRY = """
+import json, sys
+from pipeline import ExtractConfig, extract
+out, summary_path, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+s = extract(cfg.pop("source"), out, ExtractConfig(**cfg))
+if s.rank == 0:
+    json.dump({"images_per_s": s.images_per_s, "computed": s.computed, "rows": s.rows},
+              open(summary_path, "w"))
+"""
+
+
+def run_ranks(ranks: int, src: Path, tmp: Path, size: int) -> dict:
+    out, summary = tmp / f"r{ranks}.h5", tmp / f"r{ranks}.json"
+    out.unlink(missing_ok=True)
+    cfg = dict(source=str(src), weights="none", image_size=size, batch_size=32, workers=0,
+               layer="fc7", progress=False)
+    entry = tmp / "entry.py"
+    entry.write_text(_ENTRY)
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    subprocess.run([*launch, str(entry), str(out), str(summary), json.dumps(cfg)], check=True,
+                   env=env, capture_output=True)
+    result = json.loads(summary.read_text())
+    result["command_s"] = time.perf_counter() - t0
+    return result
+
+
+def ranks_table(args, tmp: Path) -> None:
+    src = tmp / "jpegs"
+    make_images(src, args.images)
+    results: dict[str, list[dict]] = {"1 process": [], "2 ranks": []}
+
+    def case(name: str, ranks: int):
+        def fn() -> float:
+            r = run_ranks(ranks, src, tmp, args.size)
+            results[name].append(r)
+            return r["computed"] / r["images_per_s"]          # the job's compute seconds
+        return fn
+    times = alternate({"1 process": case("1 process", 1), "2 ranks": case("2 ranks", 2)},
+                      args.repeats)
+    rows = [[name, args.images / median(ts), paired(times, "1 process", name),
+             spread([args.images / t for t in ts]),
+             median([r["command_s"] for r in results[name]])] for name, ts in times.items()]
+    print(f"{args.images} JPEGs 256x256 -> vgg16 fc7 at {args.size}px, batch 32, 1 thread and "
+          f"0 workers per rank, {args.repeats} alternated rounds\n")
+    print(table(["case", "images/s (job)", "speed-up vs 1 process", "images/s min..max",
+                 "whole command s"], rows))
+
+
+def small_images(root: Path, n: int, start: int = 0) -> None:
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        folder = root / f"c{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            folder / f"{i:06d}.png")
+
+
+def listing_floor(root: Path) -> int:
+    """Every file's stat, walking the folder with os.scandir: the least a re-run can do."""
+    n, stack = 0, [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    entry.stat()
+                    n += 1
+    return n
+
+
+def rerun_table(args, tmp: Path) -> None:
+    src, out = tmp / "small", tmp / "small.h5"
+    small_images(src, args.small_images)
+    cfg = ExtractConfig(backbone="resnet18", weights="none", image_size=32, batch_size=256,
+                        workers=0, progress=False)
+    t0 = time.perf_counter()
+    first = extract(src, out, cfg)
+    first_s = time.perf_counter() - t0
+    cases = {"no-op re-run (stat check)": lambda: extract(src, out, cfg),
+             "no-op re-run, --rehash": lambda: extract(
+                 src, out, ExtractConfig(**{**cfg.__dict__, "rehash": True})),
+             "listing floor (scandir + stat)": lambda: listing_floor(src)}
+    times = alternate({k: (lambda fn=fn: fn() and None) for k, fn in cases.items()},
+                      args.repeats)
+    added = 0
+
+    def add_ten() -> float:
+        nonlocal added
+        small_images(src, 10, start=args.small_images + added)
+        added += 10
+        t = time.perf_counter()
+        s = extract(src, out, cfg)
+        assert s.computed == 10, s.line()
+        return time.perf_counter() - t
+    add = [add_ten() for _ in range(args.repeats)]
+    base = "listing floor (scandir + stat)"
+    rows = [[name, median(ts), median(ts) / median(times[base]), spread(ts)]
+            for name, ts in times.items()]
+    rows.append(["add 10 images", median(add), median(add) / median(times[base]), spread(add)])
+    rows.append(["first extraction", first_s, first_s / median(times[base]), "-"])
+    print(f"\n{args.small_images} PNGs 8x8 -> resnet18 penultimate at 32px "
+          f"({first.images_per_s:.0f} images/s computing), {args.repeats} rounds; seconds\n")
+    print(table(["case", "seconds", "vs listing floor", "seconds min..max"], rows))
+    print(f"\nadding 10 images cost {median(add) / first_s:.3f}x the first extraction")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small-images", type=int, default=20000)
+    ap.add_argument("--only", choices=("ranks", "rerun"))
+    args = ap.parse_args()
+    quiet()
+    import torch
+    torch.set_num_threads(1)                   # the re-run cases, in this process
+    tmp = scratch("bench-scale-")
+    print(f"machine: {machine()}")
+    if args.only in (None, "ranks"):
+        ranks_table(args, tmp)
+    if args.only in (None, "rerun"):
+        rerun_table(args, tmp)
+
+
+if __name__ == "__main__":
+    main()
