@@ -107,7 +107,8 @@ def _centre_offset(d):
 
 class FrozenBackbone(nn.Module):
     """Normalise a [0, 1] image batch, run the truncated network, flatten or average:
-    (N, 3, H, W) -> (N, D)."""
+    (N, 3, H, W) -> (N, D); for a network cut at several nodes in one pass (a feature extractor
+    returning {name: output}), {name: (N, D_name)}."""
 
     def __init__(self, trunk: nn.Module, mean, std, pool: str = "flatten"):
         super().__init__()
@@ -117,9 +118,12 @@ class FrozenBackbone(nn.Module):
         self.eval()
         self.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         x = (x - self.mean) / self.std   # same arithmetic as torchvision's F.normalize
-        return pool_output(self.trunk(x), self.pool)
+        y = self.trunk(x)
+        if isinstance(y, dict):
+            return {name: pool_output(v, self.pool) for name, v in y.items()}
+        return pool_output(y, self.pool)
 
     def train(self, mode: bool = True):
         # Frozen means frozen: Dropout/BatchNorm stay in eval mode whatever the caller asks.
@@ -146,25 +150,6 @@ class _Node(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extractor(x)["out"]
 
-
-class MultiCut(nn.Module):
-    """Several cuts of one forward pass: normalise once, run the network once up to the last
-    of the nodes, and return {cut name: (N, D_cut)}, each flattened or averaged."""
-
-    def __init__(self, extractor: nn.Module, mean, std, pool: str = "flatten"):
-        super().__init__()
-        self.extractor, self.pool = extractor, pool
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.eval()
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = (x - self.mean) / self.std
-        return {name: pool_output(y, self.pool) for name, y in self.extractor(x).items()}
-
-    def train(self, mode: bool = True):
-        return super().train(False)
 
 
 class _PreLogits(nn.Module):
@@ -429,7 +414,7 @@ def split_layers(layer: str) -> list[str]:
 
 def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
                    layer: str = PENULTIMATE, image_size: int | None = None,
-                   pool: str = "flatten") -> tuple[nn.Module, dict]:
+                   pool: str = "flatten") -> tuple[FrozenBackbone, dict]:
     """Frozen, truncated backbone and a JSON-able description of it.
 
     The description holds: backbone, weights (name), weights_sha256 (of the full
@@ -465,7 +450,7 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
 
 
 def _multi_cut(model: nn.Module, backbone: str, layers: list[str], pre: Preprocessing,
-               pool: str, info: dict) -> tuple[MultiCut, dict]:
+               pool: str, info: dict) -> tuple[FrozenBackbone, dict]:
     """One feature extractor returning every cut (timm's `penultimate` as the graph node that
     feeds its classifier, so that it comes from the same pass)."""
     names, nodes = _node_names(model, backbone), []
@@ -481,8 +466,8 @@ def _multi_cut(model: nn.Module, backbone: str, layers: list[str], pre: Preproce
         from timm.models import create_feature_extractor
     else:
         from torchvision.models.feature_extraction import create_feature_extractor
-    multi = MultiCut(create_feature_extractor(model, dict(zip(nodes, layers))),
-                     pre.mean, pre.std, pool)
+    multi = FrozenBackbone(create_feature_extractor(model, dict(zip(nodes, layers))),
+                           pre.mean, pre.std, pool)
     with torch.inference_mode():
         out = multi(torch.zeros(2, 3, pre.crop_size, pre.crop_size))
     info["cuts"] = [{"name": layer, "layer": node, "layer_alias": _alias(backbone, layer, node),
@@ -518,6 +503,6 @@ def to_float_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "ImageInput", "FrozenBackbone",
-           "MultiCut", "split_layers", "build_backbone",
+           "split_layers", "build_backbone",
            "builder_kwargs", "final_layer", "check_backbone", "cut", "default_preprocessing", "list_layers",
            "load_weights", "pool_output", "resolve_layer", "state_dict_sha256", "to_float_batch"]

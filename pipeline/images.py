@@ -159,7 +159,7 @@ def _find_in_folder(root: Path) -> ImageList:
     # the index of every class after it, so labels would not mean the same in two runs.
     # A folder whose name is not UTF-8 cannot be stored as a class name (its images are
     # in `unusable`).
-    class_names = tuple(sorted(d for d in top_folders if _is_utf8(d)))
+    class_names = tuple(sorted(d for d in top_folders if is_utf8(d)))
     index = {name: i for i, name in enumerate(class_names)}
     labels = tuple(index[p.split("/", 1)[0]] if "/" in p else -1 for p in found)
     used = {p.split("/", 1)[0] for p in found if "/" in p}
@@ -184,7 +184,7 @@ def _walk_images(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str
     """(posix paths relative to root of the image files under root, (printable path, reason)
     of those whose path is not valid UTF-8, names of root's non-hidden sub-folders)."""
     def on_error(err: OSError) -> None:
-        logger.warning("skipped unreadable folder %s: %s", _printable(str(err.filename)), err.strerror)
+        logger.warning("skipped unreadable folder %s: %s", printable(str(err.filename)), err.strerror)
 
     found: list[str] = []
     unusable: list[tuple[str, str]] = []
@@ -199,14 +199,14 @@ def _walk_images(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str
             if name.startswith(".") or not _is_image_file(Path(folder, name)):
                 continue
             path = (rel / name).as_posix()
-            if _is_utf8(path):
+            if is_utf8(path):
                 found.append(path)
             else:
-                unusable.append((_printable(path), "file or folder name is not valid UTF-8: rename it"))
+                unusable.append((printable(path), "file or folder name is not valid UTF-8: rename it"))
     return found, unusable, top_folders or []
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """False for a str holding surrogate escapes (undecodable bytes of a file name or list)."""
     try:
         text.encode("utf-8")
@@ -215,7 +215,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` with each byte that is not UTF-8 shown as \\xNN (other lone surrogates as \\udNNN)."""
     try:
         raw = text.encode("utf-8", "surrogateescape")  # back to the bytes on disk or in the list
@@ -303,10 +303,10 @@ def _parse_list_rows(list_file: Path) -> tuple[list[tuple[int, str, str]], list[
     unusable: list[tuple[str, str]] = []
     for line, cells in table:
         row = _parse_list_row(list_file, line, cells)
-        if not _is_utf8(row[1]):
-            unusable.append((_printable(row[1]), f"file name on line {line} is not valid UTF-8"))
-        elif not _is_utf8(row[2]):
-            unusable.append((row[1], f"label {_printable(row[2])} on line {line} is not valid UTF-8"))
+        if not is_utf8(row[1]):
+            unusable.append((printable(row[1]), f"file name on line {line} is not valid UTF-8"))
+        elif not is_utf8(row[2]):
+            unusable.append((row[1], f"label {printable(row[2])} on line {line} is not valid UTF-8"))
         else:
             rows.append(row)
     return rows, unusable
@@ -331,7 +331,7 @@ def _is_header(list_file: Path, table: list[tuple[int, list[str]]]) -> bool:
     if "/" in first or "\\" in first or not after or not all(_names_file(list_file, p) for p in after):
         return False
     logger.warning("%s: first row %r taken as a header: it names no file and the rows after it do",
-                   list_file, _printable(",".join(cells)))
+                   list_file, printable(",".join(cells)))
     return True
 
 

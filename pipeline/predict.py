@@ -13,7 +13,6 @@ and resizes it itself. Bad images are reported with their reason and skipped, ne
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from .backbone import to_float_batch
 from .config import PredictConfig
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
 from .models import load_model
-from .images import LIST_EXTENSIONS, ImageList, find_images
+from .images import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
 
 
 @dataclass
@@ -110,9 +109,8 @@ def _collect(inputs) -> tuple[ImageList, list[tuple[str, str]]]:
             base = p if p.is_dir() else p.parent     # list paths are relative to the list's folder
             paths += [(base / rel).as_posix() for rel in found.paths]
             skipped += [((base / rel).as_posix(), reason) for rel, reason in found.unusable]
-        elif not _utf8(p.as_posix()):
-            skipped.append((os.fsencode(p).decode("utf-8", "backslashreplace"),
-                            "file name is not valid UTF-8: rename it"))
+        elif not is_utf8(p.as_posix()):
+            skipped.append((printable(p.as_posix()), "file name is not valid UTF-8: rename it"))
         else:
             paths.append(p.as_posix())               # decoded as given; a non-image is reported
     if not paths:
@@ -120,13 +118,6 @@ def _collect(inputs) -> tuple[ImageList, list[tuple[str, str]]]:
     # Relative paths resolve against the working directory, absolute ones stay as they are.
     return ImageList(Path.cwd(), tuple(paths), (-1,) * len(paths), (), "list"), skipped
 
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

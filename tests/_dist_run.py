@@ -14,6 +14,7 @@ import time
 
 from cache.errors import UserError
 from cli.main import main
+from tests.conftest import failing_build
 
 
 
@@ -21,22 +22,10 @@ def _patch(mode: str, rank: int) -> None:
     import importlib
     module = importlib.import_module("pipeline.extract")
     if mode == "kill" and rank == 1:
-        build = module._build
-
-        class KillOnSecondBatch:
-            def __init__(self, inner):
-                self.inner, self.calls = inner, 0
-
-            def to(self, *a, **k):
-                return self
-
-            def __call__(self, x):
-                self.calls += 1
-                if self.calls == 2:
-                    time.sleep(1.0)   # let the first batch's commit land
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return self.inner(x)
-        module._build = lambda config: (lambda m, i: (KillOnSecondBatch(m), i))(*build(config))
+        def kill() -> None:
+            time.sleep(1.0)           # let the first batch's commit land
+            os.kill(os.getpid(), signal.SIGKILL)
+        module._build = failing_build(module, action=kill)
     elif mode == "user-error" and rank == 1:
         def refuse(*args, **kwargs):
             raise UserError("cannot write to /nowhere: choose another -o")

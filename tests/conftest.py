@@ -22,3 +22,31 @@ def make_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40, 48), 
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "images")
+
+
+class FailOnBatch:
+    """Stands in for a backbone: runs it, but calls `action` (default: raise) at batch `n`,
+    so an extraction fails mid-run with some batches committed."""
+
+    def __init__(self, inner, n: int = 2, action=None):
+        self.inner, self.n, self.calls = inner, n, 0
+        self.action = action or self._raise
+
+    @staticmethod
+    def _raise():
+        raise RuntimeError("simulated failure in batch 2")
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.n:
+            self.action()
+        return self.inner(x)
+
+
+def failing_build(module, **kwargs):
+    """A stand-in for pipeline.extract's `_build` whose model is wrapped in FailOnBatch."""
+    build = module._build
+    return lambda config: (lambda m, i: (FailOnBatch(m, **kwargs), i))(*build(config))

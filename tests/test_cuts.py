@@ -21,7 +21,7 @@ from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.train_head import train_head
 
-from .conftest import make_folder
+from .conftest import failing_build, make_folder
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "format1"
 CUTS = ("fc6", "fc7", "features.30")
@@ -78,26 +78,10 @@ def test_other_cuts_are_refused_with_the_difference(caches):
     assert extract(images, root / "multi.h5", _cfg(layer=",".join(CUTS))).up_to_date
 
 
-class _FailOnSecondBatch:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def to(self, *a, **k):
-        return self
-
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("simulated failure in batch 2")
-        return self.inner(x)
-
-
 def test_resumed_and_incremental_runs_work_on_every_cut(caches, tmp_path, monkeypatch):
     root, images = caches
     module = sys.modules["pipeline.extract"]
-    build = module._build
-    monkeypatch.setattr(module, "_build", lambda c: (lambda m, i: (_FailOnSecondBatch(m), i))(
-        *build(c)))
+    monkeypatch.setattr(module, "_build", failing_build(module))
     out = tmp_path / "m.h5"
     with pytest.raises(RuntimeError, match="simulated failure"):
         extract(images, out, _cfg(layer=",".join(CUTS)))
