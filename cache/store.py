@@ -19,11 +19,23 @@ every committed batch intact; rows past the marker are discarded on resume. (Mea
 without the flush before the marker, a SIGKILL could lose every batch written so far.)
 The writer works on `CACHE.h5.partial`; `finish()` marks it complete, fsyncs it and
 renames it into place, so a file under its final name is always complete.
+
+Failed writes (a full disk, an I/O error): HDF5 buffers data in its chunk cache, so a write
+may fail only at the flush. Any failure of a commit leaves the marker where it was, and the
+file is closed without HDF5 writing to it again (`_abandon`): what HDF5 still holds after a
+failed flush no longer describes the file, and writing it was measured to crash the process at
+exit or to zero committed rows. The failure is one `StorageError` line saying how many rows are
+committed. A file such a failure left unable to be reopened for writing is rebuilt from its
+committed rows on resume (`repair`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno as errno_codes
 import functools
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -37,6 +49,26 @@ _STR = h5py.string_dtype("utf-8")
 _DIGEST = "S64"
 _ERROR = np.dtype([("path", _STR), ("digest", _DIGEST), ("reason", _STR)])
 _CHUNK_BYTES = 1 << 20
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# What a failed write says to do, by errno; any other failure: fix it and re-run.
+_ADVICE = {errno_codes.ENOSPC: "free space and re-run the same command",
+           errno_codes.EDQUOT: "free space (or raise the quota) and re-run the same command",
+           errno_codes.EIO: "check the disk, then re-run the same command"}
+
+log = logging.getLogger(__name__)
+
+
+class CacheBusy(UserError):
+    """A cache file that another process holds open (HDF5 locks a file it writes): wait for it
+    or stop it. Never a reason to replace the file."""
+
+
+class StorageError(UserError):
+    """A write to a cache file failed (a full disk, an I/O error); what was committed is kept."""
+
+
+class Unreadable(UserError):
+    """A file that HDF5 cannot open or read as a cache (damaged, or not HDF5 at all)."""
 
 
 def partial_path(path: str | Path) -> Path:
@@ -58,6 +90,8 @@ class CacheWriter:
         self._h5 = h5
         self.manifest = mf.loads(h5.attrs["manifest"])
         self._features = _feature_datasets(h5, self.manifest)   # cut name -> (N, D) dataset
+        # The markers as last flushed: what a failure reports as committed.
+        self._rows, self._errors = _markers(h5, path)
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict) -> "CacheWriter":
@@ -65,9 +99,16 @@ class CacheWriter:
         `features` dataset, or with several cuts a `cuts` group of one dataset per cut."""
         path = Path(path)
         dtype = manifest["dtype"]
+        # Unlinked, then created exclusively: opening an existing file with "w" truncates it
+        # before HDF5 tries its lock, so a process still reading it would see it emptied.
+        path.unlink(missing_ok=True)
         # The default libver on purpose: files made with libver="latest" (needed for SWMR)
         # were measured not to reopen after a SIGKILL, which resuming depends on.
-        h5 = h5py.File(path, "w")
+        try:
+            h5 = _open_h5(path, "w-")
+        except (OSError, RuntimeError) as e:
+            path.unlink(missing_ok=True)
+            raise _storage_error(e, f"creating {path}", "no rows are committed yet") from None
         try:
             if manifest.get("cuts"):
                 group = h5.create_group("cuts")
@@ -87,37 +128,58 @@ class CacheWriter:
             h5.attrs["committed_errors"] = 0
             h5.attrs["complete"] = 0
             h5.flush()
-        except BaseException:
-            h5.close()
+        except BaseException as e:
+            _abandon(h5)
+            path.unlink(missing_ok=True)     # holds nothing, and may not even reopen
+            if _io_failure(e):
+                raise _storage_error(e, f"writing {path}", "no rows are committed yet") from None
             raise
         return cls(path, h5)
 
     @classmethod
     def resume(cls, path: str | Path) -> "CacheWriter":
-        """Reopen an unfinished file, dropping anything written after the last commit."""
+        """Reopen an unfinished file, dropping anything written after the last commit.
+
+        A file that a failed write left unable to be reopened for writing is first rebuilt
+        from its committed rows (`repair`); one whose markers are damaged is refused."""
         path = Path(path)
-        h5 = h5py.File(path, "r+")
+        try:
+            return cls._resume(path)
+        except (CacheBusy, StorageError):
+            raise
+        except (OSError, RuntimeError, KeyError) as e:   # h5py: KeyError for damaged objects
+            kept = repair(path)
+            log.warning("%s could not be reopened for writing (%s): rebuilt from its %d "
+                        "committed rows", path, _first_line(e), kept)
+            return cls._resume(path)
+
+    @classmethod
+    def _resume(cls, path: Path) -> "CacheWriter":
+        h5 = _open_h5(path, "r+")
         try:
             _check_layout(h5, path)
-            n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
             manifest = mf.loads(h5.attrs["manifest"])
-            datasets = [*_feature_datasets(h5, manifest).values(),
-                        *(h5[name] for name in ("labels", "paths", "digests", "stats")
-                          if name in h5)]
-            for d in datasets:
+            n, m = _markers(h5, path, manifest)
+            for d in _row_datasets(h5, manifest):
                 if d.shape[0] != n:
                     d.resize(n, axis=0)
             if h5["errors"].shape[0] != m:
                 h5["errors"].resize(m, axis=0)
             h5.flush()
+        except UserError:
+            try:              # refused before anything was changed: a plain close writes nothing
+                h5.close()
+            except BaseException:
+                _abandon(h5)
+            raise
         except BaseException:
-            h5.close()
+            _abandon(h5)
             raise
         return cls(path, h5)
 
     @property
     def committed_rows(self) -> int:
-        return int(self._h5.attrs["committed_rows"])
+        return self._rows
 
     def commit(self, features: np.ndarray | Mapping[str, np.ndarray], labels: Sequence[int],
                paths: Sequence[str], digests: Sequence[str],
@@ -126,9 +188,15 @@ class CacheWriter:
         """Append one batch atomically: data, flush, then the markers, flush. `features` is
         (B, D), or {cut name: (B, D_cut)} for every cut of a several-cut cache; `stats` the
         (size, mtime_ns) of each file when hashed (unknown: -1, and the file is hashed again
-        next time)."""
+        next time).
+
+        A failed write raises StorageError (the batch is not committed, the file is closed);
+        the writer takes no further batches."""
         h5, b = self._h5, len(paths)
-        n, m = self.committed_rows, int(h5.attrs["committed_errors"])
+        if not h5.id.valid:
+            raise ValueError(f"the writer of {self.path} is closed (after a failed write, "
+                             "resume the file to go on)")
+        n, m = self._rows, self._errors
         if not isinstance(features, Mapping):
             if len(self._features) != 1:
                 raise ValueError(f"this cache holds cuts {', '.join(self._features)}: commit "
@@ -140,25 +208,48 @@ class CacheWriter:
             if values.shape != (b, self._features[name].shape[1]):
                 raise ValueError(f"batch features of {name} have shape {values.shape}, "
                                  f"expected ({b}, {self._features[name].shape[1]})")
-        if b:
-            columns = [*((self._features[k], v) for k, v in features.items()),
-                       (h5["labels"], np.asarray(labels, "int64")),
-                       (h5["paths"], np.array(paths, dtype=object)),
-                       (h5["digests"], np.array(digests, dtype=_DIGEST))]
-            if "stats" in h5:
-                columns.append((h5["stats"], np.asarray(stats if stats is not None else
-                                                        [(-1, -1)] * b, "int64").reshape(b, 2)))
-            for dataset, values in columns:
-                dataset.resize(n + b, axis=0)
-                dataset[n:n + b] = values
-        if errors:
-            h5["errors"].resize(m + len(errors), axis=0)
-            h5["errors"][m:m + len(errors)] = np.array(
-                [(p, d.encode(), r) for p, d, r in errors], dtype=_ERROR)
-        h5.flush()
-        h5.attrs.modify("committed_rows", n + b)
-        h5.attrs.modify("committed_errors", m + len(errors))
-        h5.flush()
+        try:
+            if b:
+                columns = [*((self._features[k], v) for k, v in features.items()),
+                           (h5["labels"], np.asarray(labels, "int64")),
+                           (h5["paths"], np.array(paths, dtype=object)),
+                           (h5["digests"], np.array(digests, dtype=_DIGEST))]
+                if "stats" in h5:
+                    columns.append((h5["stats"], np.asarray(
+                        stats if stats is not None else [(-1, -1)] * b, "int64").reshape(b, 2)))
+                for dataset, values in columns:
+                    dataset.resize(n + b, axis=0)
+                    dataset[n:n + b] = values
+            if errors:
+                h5["errors"].resize(m + len(errors), axis=0)
+                h5["errors"][m:m + len(errors)] = np.array(
+                    [(p, d.encode(), r) for p, d, r in errors], dtype=_ERROR)
+            # Only a flush that succeeded puts the rows in the file: until then the marker
+            # must not move (a failed flush may have written none, some or all of them).
+            h5.flush()
+            h5.attrs.modify("committed_rows", n + b)
+            h5.attrs.modify("committed_errors", m + len(errors))
+            h5.flush()
+        except BaseException as e:
+            self._fail(e)
+        self._rows, self._errors = n + b, m + len(errors)
+
+    def add_errors(self, errors: Sequence[tuple[str, str, str]]) -> None:
+        """Commit (path, digest, reason) errors without rows."""
+        self.commit({name: np.empty((0, d.shape[1]), d.dtype)
+                     for name, d in self._features.items()}, [], [], [], errors)
+
+    def _fail(self, e: BaseException):
+        """Close after a failed commit and raise: StorageError for an I/O failure (with the
+        committed rows as the file now says, when it can be read), else `e` itself."""
+        closed = _abandon(self._h5)
+        if not _io_failure(e):
+            raise e
+        rows = self._rows
+        if closed:   # the marker flush may have landed before the failure
+            with contextlib.suppress(Exception), h5py.File(self.path, "r") as h5:
+                rows = _markers(h5, self.path)[0]
+        raise _storage_error(e, f"writing {self.path}", f"{rows} rows are committed") from None
 
     def finish(self, final_path: str | Path, manifest_updates: dict | None = None) -> Path:
         """Close, then mark complete and rename into place (see `finish`)."""
@@ -167,7 +258,10 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._h5.id.valid:
-            self._h5.close()
+            try:
+                self._h5.close()
+            except BaseException as e:   # the close flushes: a failure is a failed write
+                self._fail(e)
 
     def __enter__(self):
         return self
@@ -196,12 +290,14 @@ class CacheReader:
                     "extract command to finish it)") if partial_path(self.path).exists() else ""
             raise UserError(f"no cache at {self.path}{hint}")
         try:
-            self._h5 = h5py.File(self.path, "r")
-        except OSError as e:
-            raise UserError(f"{self.path} is not a readable HDF5 feature cache: {e}") from None
+            self._h5 = _open_h5(self.path, "r")
+        except (OSError, RuntimeError) as e:
+            raise Unreadable(f"{self.path} is not a readable HDF5 feature cache: "
+                             f"{_first_line(e)}") from None
         try:
             _check_layout(self._h5, self.path)
-            self.file_manifest = mf.loads(self._h5.attrs["manifest"])
+            self.file_manifest = mf.validate(mf.loads(self._h5.attrs["manifest"], self.path),
+                                             self.path)
             self._features = _feature_datasets(self._h5, self.file_manifest)
             self.cut = self._pick(layer)
             self.manifest = (mf.cut_manifest(self.file_manifest, self.cut)
@@ -211,8 +307,11 @@ class CacheReader:
             if not self.complete and not allow_incomplete:
                 raise UserError(f"{self.path} is an incomplete cache (extraction did not finish): "
                                  "re-run extract to complete it, or allow incomplete caches")
-            self.n_rows = int(self._h5.attrs["committed_rows"])
+            self.n_rows = _markers(self._h5, self.path, self.file_manifest)[0]
             self.labels = self._h5["labels"][: self.n_rows].astype(np.int64)  # (N,)
+        except (OSError, RuntimeError, KeyError) as e:   # HDF5 could not read what the file
+            self._h5.close()                              # says it holds (h5py: KeyError too)
+            raise Unreadable(f"{self.path} is damaged: {_first_line(e)}") from None
         except BaseException:
             self._h5.close()
             raise
@@ -336,13 +435,33 @@ class CacheReader:
 
 
 def finish(partial: str | Path, final_path: str | Path, manifest_updates: dict | None = None) -> Path:
-    """Mark an unfinished cache complete, fsync it, and atomically rename it to `final_path`."""
-    with h5py.File(partial, "r+") as h5:
+    """Mark an unfinished cache complete, fsync it, and atomically rename it to `final_path`.
+
+    A failed write raises StorageError and leaves the file unfinished under its name (a re-run
+    finishes it)."""
+    partial = Path(partial)
+    try:
+        h5 = _open_h5(partial, "r+")
+    except (OSError, RuntimeError) as e:
+        log.warning("%s could not be reopened for writing (%s): rebuilding it from its "
+                    "committed rows", partial, _first_line(e))
+        repair(partial)
+        h5 = _open_h5(partial, "r+")
+    rows = 0
+    try:
+        rows = _markers(h5, partial)[0]
         if manifest_updates:
             h5.attrs["manifest"] = mf.dumps({**mf.loads(h5.attrs["manifest"]), **manifest_updates})
         h5.attrs.modify("complete", 1)
         h5.flush()
-    _fsync(Path(partial))
+        h5.close()
+        _fsync(partial)
+    except BaseException as e:
+        _abandon(h5)
+        if _io_failure(e):
+            raise _storage_error(e, f"finishing {partial}", f"{rows} rows are committed"
+                                 ) from None
+        raise
     os.replace(partial, final_path)
     _fsync(Path(final_path).resolve().parent)
     return Path(final_path)
@@ -353,24 +472,39 @@ def refresh_stats(path: str | Path, rows: Sequence[int], stats: Sequence[tuple[i
     """Record new (size, mtime_ns) for rows of a complete cache whose files were found
     unchanged in content (touched, or copied without their times), so that the next run trusts
     them again. Only the stats dataset changes: a write torn by a crash leaves each row with
-    its old or its new stats, both true of the same content."""
+    its old or its new stats, both true of the same content. Only an optimization: when the
+    file cannot be written (busy, a full disk), it says so and the next run hashes those files
+    again."""
     if not len(rows):
         return
-    with h5py.File(path, "r+") as h5:
-        if "stats" not in h5:
-            return
-        order = np.argsort(rows)
-        data = h5["stats"][:]
-        data[np.asarray(rows)[order]] = np.asarray(stats, np.int64).reshape(-1, 2)[order]
-        h5["stats"][:] = data
-        h5.flush()
+    path = Path(path)
+    try:
+        h5 = _open_h5(path, "r+")
+    except (CacheBusy, OSError, RuntimeError) as e:
+        log.warning("could not record new file times in %s (%s): the next run reads those "
+                    "files again", path, _first_line(e))
+        return
+    try:
+        if "stats" in h5:
+            order = np.argsort(rows)
+            data = h5["stats"][:]
+            data[np.asarray(rows)[order]] = np.asarray(stats, np.int64).reshape(-1, 2)[order]
+            h5["stats"][:] = data
+        h5.close()
+    except BaseException as e:
+        _abandon(h5)
+        if not _io_failure(e):
+            raise
+        log.warning("could not record new file times in %s (%s): the next run reads those "
+                    "files again", path, _first_line(e))
 
 
 def read_manifest(path: str | Path) -> tuple[dict, bool]:
     """(manifest, complete) of a cache file, finished or not."""
     with h5py.File(path, "r") as h5:
         _check_layout(h5, Path(path))
-        return mf.loads(h5.attrs["manifest"]), bool(h5.attrs["complete"])
+        manifest = mf.validate(mf.loads(h5.attrs["manifest"], path), path)
+        return manifest, bool(h5.attrs["complete"])
 
 
 def _check_layout(h5: h5py.File, path: Path) -> None:
@@ -416,6 +550,185 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _row_datasets(h5: h5py.File, manifest: dict | None = None) -> list[h5py.Dataset]:
+    """Every dataset with one entry per row: the features of each cut, labels, paths, digests
+    and (when present) stats."""
+    manifest = manifest if manifest is not None else mf.loads(h5.attrs["manifest"])
+    return [*_feature_datasets(h5, manifest).values(),
+            *(h5[name] for name in ("labels", "paths", "digests", "stats") if name in h5)]
+
+
+def _markers(h5: h5py.File, path: Path, manifest: dict | None = None) -> tuple[int, int]:
+    """(committed rows, committed errors) of a cache file, refused as damaged when they are not
+    counts the file holds: rows past the datasets' ends were never written, and a negative count
+    is no count at all. Refused rather than clamped: a marker that was edited or torn says
+    nothing about which rows are good."""
+    try:
+        n, m = int(h5.attrs["committed_rows"]), int(h5.attrs["committed_errors"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is damaged: its committed_rows/committed_errors markers are "
+                        f"unreadable ({_first_line(e)}): {_way_out(path)}") from None
+    held = min(d.shape[0] for d in _row_datasets(h5, manifest))
+    held_errors = h5["errors"].shape[0]
+    if not (0 <= n <= held and 0 <= m <= held_errors):
+        raise UserError(f"{path} is damaged: its markers say {n} rows and {m} errors are "
+                        f"committed, but it holds {held} rows and {held_errors} errors: "
+                        f"{_way_out(path)}")
+    return n, m
+
+
+def _way_out(path: Path) -> str:
+    if path.name.endswith(".partial") or ".shard-" in path.name:
+        return "delete it and re-run the same extract command (its rows are computed again)"
+    return "re-extract it"
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    """h5py.File(path, mode); HDF5's refusal to lock a file that another process holds open
+    (errno 11) is CacheBusy, never taken for a damaged file."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if _errno(e) in (errno_codes.EAGAIN, errno_codes.EWOULDBLOCK) \
+                or "unable to lock file" in str(e):
+            raise CacheBusy(f"{path} is busy: another process has it open (HDF5 locks a file "
+                            "while it is written); wait for that process to finish, or stop "
+                            "it") from None
+        raise
+
+
+def _abandon(h5: h5py.File) -> bool:
+    """Close a file after a failed write without HDF5 writing to the file again; True when it
+    closed. Its descriptor is first pointed at an anonymous in-memory file, so whatever HDF5
+    still flushes (dirty chunks and metadata that no longer describe the file) goes there, and
+    the file keeps what its last successful flush wrote. A first flush after a failed one can
+    fail on HDF5's own leftover state, hence the second try."""
+    if not h5.id.valid:
+        return True
+    try:
+        fd = h5.id.get_vfd_handle()
+        sink = (os.memfd_create("abandoned-hdf5") if hasattr(os, "memfd_create")
+                else os.open(os.devnull, os.O_RDWR))
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except Exception:   # noqa: BLE001 - not sec2: a plain close is all that is left
+        pass
+    for _ in range(2):
+        with contextlib.suppress(Exception):
+            h5.flush()
+            break
+    for _ in range(2):
+        with contextlib.suppress(Exception):
+            h5.close()
+        if not h5.id.valid:
+            return True
+    return False
+
+
+def _errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or the one HDF5 names in its message ("errno = 28")."""
+    if isinstance(e, OSError) and isinstance(e.errno, int):
+        return e.errno
+    found = re.search(r"errno = (\d+)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def _io_failure(e: BaseException) -> bool:
+    """h5py reports a failed read or write of the file as OSError or RuntimeError."""
+    return isinstance(e, (OSError, RuntimeError))
+
+
+def _storage_error(e: BaseException, doing: str, kept: str) -> StorageError:
+    code = _errno(e)
+    if code:
+        reason = os.strerror(code)
+        reason = reason[:1].lower() + reason[1:]
+    else:
+        reason = f"a write failed ({_first_line(e)})"
+    err = StorageError(f"{reason} {doing}: {kept}; "
+                       f"{_ADVICE.get(code, 'fix that and re-run the same command')}")
+    err.reason, err.advice = reason, _ADVICE.get(code, "fix that and re-run the same command")
+    return err
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def repair(path: str | Path) -> int:
+    """Rebuild the unfinished cache file at `path` from its committed rows and errors; return
+    the rows kept. For a file that a failed write left readable but no longer writable (HDF5's
+    metadata half-flushed). A file whose committed rows cannot be read is refused as damaged."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".repairing")
+
+    def damaged(e: BaseException) -> UserError:
+        return UserError(f"{path} is damaged ({_first_line(e)}) and cannot be repaired: "
+                         f"{_way_out(path)}")
+    try:
+        src = _open_h5(path, "r")
+    except (OSError, RuntimeError) as e:
+        # A flush that failed after recording the file's new end in the superblock leaves the
+        # file shorter than it says: HDF5 refuses to open it. The missing tail held only what
+        # that flush was writing, past the committed rows, so zeros in its place will do.
+        end = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(e))
+        if not end or int(end.group(2)) <= int(end.group(1)):
+            raise damaged(e) from None
+        try:
+            os.truncate(path, int(end.group(2)))
+            src = _open_h5(path, "r")
+        except (OSError, RuntimeError) as again:
+            raise damaged(again) from None
+    try:
+        with src:
+            try:
+                _check_layout(src, path)
+                manifest = mf.loads(src.attrs["manifest"])
+                n, _ = _markers(src, path, manifest)
+                errors = _read_errors(src)
+                feats = _feature_datasets(src, manifest)
+            except (OSError, RuntimeError, KeyError) as e:
+                raise damaged(e) from None
+            block = rows_per_chunk(max(d.shape[1] for d in feats.values()), manifest["dtype"])
+            with CacheWriter.create(tmp, manifest) as writer:
+                for start in range(0, n, block):
+                    rows = slice(start, min(n, start + block))
+                    try:
+                        values = {name: d[rows] for name, d in feats.items()}
+                        labels, digests = src["labels"][rows], src["digests"][rows]
+                        paths = [p.decode("utf-8") for p in src["paths"][rows]]
+                        stats = src["stats"][rows] if "stats" in src else None
+                    except (OSError, RuntimeError) as e:
+                        raise damaged(e) from None
+                    writer.commit(values, labels, paths, digests, stats=stats)
+                if errors:
+                    writer.add_errors(errors)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def cache_kind(path: str | Path) -> str:
+    """What the existing regular file at `path` is: "cache" (a feature cache of any format,
+    finished or not), "hdf5" (an HDF5 file that is not one), "unreadable" (an HDF5 signature,
+    but HDF5 cannot open it) or "other" (not HDF5). CacheBusy when another process holds it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+                return "other"
+    except OSError:
+        return "unreadable"
+    try:
+        with _open_h5(Path(path), "r") as h5:
+            return "cache" if {"manifest", "format_version"} <= set(h5.attrs) else "hdf5"
+    except (OSError, RuntimeError, KeyError):
+        return "unreadable"
+
+
 def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
              rows: Sequence[tuple[int, int, int, str, str]],
              errors: Sequence[tuple[str, str, str]] = ()) -> Path:
@@ -451,5 +764,8 @@ def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
         writer.commit(empty(0), [], [], [], errors)
         return writer.finish(dest)
     except BaseException:
-        writer.close()
+        # The temporary file is of no use half-written, and on a full disk it holds the space
+        # a re-run needs.
+        _abandon(writer._h5)
+        tmp.unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -45,7 +46,7 @@ _D = defaults(ExtractConfig)
               default=_D["precision"], show_default=True,
               help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
 @click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
-              "with other settings.")
+              "with other settings (it replaces a feature cache, never any other file).")
 @click.option("--rehash", is_flag=True,
               help="Hash every image again; by default an image whose size and modification "
                    "time are unchanged keeps its recorded digest (a stat, not a read).")
@@ -78,7 +79,15 @@ def extract_command(source: Path | None, output: Path | None, quiet: bool, list_
     from pipeline.extract import extract
 
     config = ExtractConfig(**options, progress=False if quiet else None)
-    summary = extract(source, output, config)
+    try:
+        summary = extract(source, output, config)
+    except KeyboardInterrupt as e:
+        # Ctrl-C is no failure: what was committed is kept, so one line and the shell's
+        # exit status for SIGINT (128 + 2), not a traceback.
+        held = getattr(e, "committed", None)
+        rows = f"{held} rows committed" if held is not None else "committed rows kept"
+        click.echo(f"Interrupted: {rows}; re-run the same command to resume", err=True)
+        sys.exit(130)
     if summary.rank != 0:      # under torchrun, rank 0 speaks for the job
         return
     for path, reason in summary.bad[:20]:

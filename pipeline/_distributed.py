@@ -100,6 +100,8 @@ class Job:
             return fn()
         try:
             value, failure = fn(), None
+        except KeyboardInterrupt:
+            raise                # Ctrl-C: stop now, not wait for ranks that may not come
         except UserError as e:
             value, failure, own = None, ("user", str(e)), e
         except BaseException as e:

@@ -8,13 +8,21 @@ of the same command continues from the last committed batch. Incremental: agains
 existing cache, only new or changed images (by content hash) are computed; removed ones
 are dropped. The cache appears under its final name only when complete. The planning
 (what to reuse, what to compute, how to finish) is `cache.plan`; this module computes.
+
+One run at a time per cache: a run holds a lock on `.CACHE.h5.lock` beside the output (the
+kernel drops it when the process ends, even by SIGKILL), and a second run is refused with the
+pid of the first. `-o` must be a new path or one of our caches: never an input image, a device
+or another program's file, even with --overwrite. A failed write (a full disk) or Ctrl-C ends
+the run with one line; what was committed is kept and the same command resumes.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -33,7 +41,12 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_path,
                         shard_paths)
-from cache.store import CacheReader, CacheWriter, partial_path, refresh_stats
+from cache.store import (CacheReader, CacheWriter, cache_kind, partial_path, refresh_stats)
+
+try:
+    import fcntl
+except ImportError:          # Windows: no flock; runs there are not locked against each other
+    fcntl = None
 
 from ._version import __version__
 from ._progress import progress
@@ -52,11 +65,21 @@ _SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype")
 _MISSING = object()
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `extract()`: `committed` rows are kept in the unfinished cache (its
+    `.partial`, or the shards of a torchrun job), and re-running the same command resumes."""
+
+    def __init__(self, committed: int):
+        super().__init__(committed)
+        self.committed = committed
+
+
 @dataclass
 class ExtractSummary:
-    """What a run did. `computed` counts the rows computed by this run and `reused` the rows
-    taken from earlier runs; `bad` lists (path, reason) of every image that could not be used
-    (such images are in neither count)."""
+    """What a run did. Of the cache's `rows`, `computed` counts those this run computed and
+    `reused` those taken from earlier runs (never negative: a row computed for a file that
+    changed meanwhile is in neither); `bad` lists (path, reason) of every image that could not
+    be used, files whose names cannot be stored included (such images are in neither count)."""
     path: str
     rows: int
     computed: int
@@ -92,8 +115,19 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
     Raises UserError for user mistakes (bad source, mismatching cache, unwritable output);
     with `config.strict`, also when images had to be skipped (after the cache is written).
     """
+    output = Path(output)
     with Job.from_env(config.dist_timeout) as job:
-        return _finish_strict(_extract(Path(source), Path(output), config, job), config)
+        # One job at a time per cache; the ranks of a job are one writer, so rank 0 alone
+        # locks, and every rank stops if the lock is taken.
+        lock = _OutputLock(output)
+        job.step("locking the output", lambda: lock.acquire() if job.lead else None)
+        try:
+            summary = _extract(Path(source), output, config, job)
+        except KeyboardInterrupt:
+            raise Interrupted(_held_rows(output)) from None
+        finally:
+            lock.release()
+    return _finish_strict(summary, config)
 
 
 def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> ExtractSummary:
@@ -110,7 +144,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         # building a model (for a large backbone, the slowest part of a no-op re-run).
         settled = _settled(sources[0] or None, config, precision)
         if settled is not None:
-            planned = plan(*listing, [r for r in sources if r])
+            planned = plan(*listing, [r for r in sources if r], unusable=images.unusable)
             if _up_to_date(planned, sources):
                 stale = _stale_stats(planned, sources[0], stats)
             else:
@@ -128,7 +162,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
     try:
-        planned = plan(*listing, [r for r in sources if r is not None])
+        planned = plan(*listing, [r for r in sources if r is not None], unusable=images.unusable)
         up_to_date = _up_to_date(planned, sources)
         removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
         resume = sources[1] is not None if not job.distributed else None
@@ -139,21 +173,33 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
                               _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
                               manifest, hashed, job.world_size, job.rank)
-    computed, compute_s = _compute(model, images, planned, stats, manifest, output, resume,
-                                   config, device, precision, job)
+    computed, compute_s, before = _compute(model, images, planned, stats, manifest, output,
+                                           resume, config, device, precision, job)
     final = job.step("assembling the cache", lambda: finalize(
-        output, manifest, *listing, updates={"world_size": job.world_size}) if job.lead else None)
+        output, manifest, *listing, updates={"world_size": job.world_size},
+        unusable=images.unusable) if job.lead else None)
     final = final or planned   # ranks other than 0 report the plan; rank 0 prints the summary
+    fresh = _fresh_rows(final, before) if final.sources else min(computed, len(final.rows))
     return ExtractSummary(
-        str(output), len(final.rows), computed, len(final.rows) - computed, removed, _bad(final),
+        str(output), len(final.rows), fresh, len(final.rows) - fresh, removed, _bad(final),
         time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
         str(device), manifest, hashed, job.world_size, job.rank)
+
+
+def _fresh_rows(final: Plan, before: dict) -> int:
+    """Rows of the final cache that this run computed: those of a partial or shard past the
+    rows it held when this run began. (Rows computed for files that changed meanwhile are not
+    in the cache, so counting commits would overstate it.)"""
+    start = [before.get(Path(os.path.abspath(p)), float("inf")) for p in final.sources]
+    return sum(r >= start[s] for _, s, r in final.rows)
 
 
 def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     _check_config(config)
     _check_output(output)
     images = find_images(source)
+    _check_not_an_input(output, images)
+    _check_replaceable(output)
     device = resolve_device(job.device(config.device))
     return images, device, _precision(config.precision, device)
 
@@ -236,9 +282,10 @@ def _settled(old: CacheReader | None, config: ExtractConfig, precision: str) -> 
 
 def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, output: Path,
              resume: bool | None, config: ExtractConfig, device, precision: str, job: Job
-             ) -> tuple[int, float]:
-    """Compute this rank's deal of the planned batches; return the job's rows computed and its
-    compute seconds (the slowest rank's)."""
+             ) -> tuple[int, float, dict]:
+    """Compute this rank's deal of the planned batches; return the job's rows computed, its
+    compute seconds (the slowest rank's), and the rows each file written (partial or shards,
+    by absolute path) held before."""
     batches = [planned.todo[k:k + config.batch_size]
                for k in range(0, len(planned.todo), config.batch_size)]
     if job.distributed:
@@ -247,16 +294,51 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
     else:
         path = partial_path(output)
 
-    def run() -> tuple[int, float]:
-        writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
-        with writer:
-            rows_before = writer.committed_rows
-            t = time.perf_counter()
-            _run(model, images, job.share(batches), stats, writer, config, device, precision,
-                 job, len(planned.todo))
-            return writer.committed_rows - rows_before, time.perf_counter() - t
+    def run() -> tuple[Path, int, int, float]:
+        # The decoding workers are forked before the writer opens its file: a worker forked
+        # while it is open would inherit HDF5's descriptor and its lock, and one that outlives
+        # a killed run would keep the file locked for the next.
+        with _decoding(images, manifest, job.share(batches), config, device) as loaded:
+            writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
+            with writer:
+                rows_before = writer.committed_rows
+                t = time.perf_counter()
+                _run(model, images, loaded, stats, writer, config, device, precision, job,
+                     len(planned.todo))
+                return (Path(os.path.abspath(path)), rows_before,
+                        writer.committed_rows - rows_before, time.perf_counter() - t)
     done = job.gather(job.step("computing", run))
-    return sum(n for n, _ in done), max(s for _, s in done)
+    return (sum(n for _, _, n, _ in done), max(s for *_, s in done),
+            {p: b for p, b, _, _ in done})
+
+
+@contextlib.contextmanager
+def _decoding(images: ImageList, manifest: dict, batches: list[list[int]],
+              config: ExtractConfig, device: torch.device):
+    """The decoded `batches` (an iterator, None when there are none), with its worker processes
+    started at once and stopped on leaving, also on a failure or Ctrl-C."""
+    if not batches:
+        yield None
+        return
+    cuda = device.type == "cuda"
+    loader = DataLoader(ImageBatches(images, Preprocessing.from_dict(manifest["preprocessing"])),
+                        batch_sampler=batches, collate_fn=collate,
+                        num_workers=default_workers(config.workers, cuda), pin_memory=cuda,
+                        worker_init_fn=_worker_init)
+    loaded = iter(loader)
+    try:
+        yield loaded
+    finally:
+        shutdown = getattr(loaded, "_shutdown_workers", None)   # absent without workers
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_init(worker_id: int) -> None:
+    """A decoding worker ignores Ctrl-C: a terminal sends SIGINT to the whole process group,
+    the main process then stops the workers, and a worker's own KeyboardInterrupt would only
+    add a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
@@ -276,8 +358,11 @@ def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
         return digest_or_blank(path), stat, 1
 
     mine = job.share(range(len(images.paths)))
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2))
+    try:
         done = list(pool.map(one, mine))
+    finally:   # on Ctrl-C, the files not yet begun are not hashed
+        pool.shutdown(wait=True, cancel_futures=True)
     parts = job.gather(done)
     results = [None] * len(images.paths)
     for rank, part in enumerate(parts):
@@ -291,10 +376,10 @@ def _bad(planned: Plan) -> list[tuple[str, str]]:
     return [(p, reason) for p, _, reason in planned.errors]
 
 
-def _run(model, images: ImageList, batches: list[list[int]], stats: list, writer: CacheWriter,
+def _run(model, images: ImageList, loaded, stats: list, writer: CacheWriter,
          config: ExtractConfig, device: torch.device, precision: str, job: Job, total: int
          ) -> None:
-    """Compute features for the images of `batches` (lists of image indices), committing one
+    """Compute features for the decoded batches `loaded` (see `_decoding`), committing one
     batch at a time with each file's (size, mtime_ns) from `stats`.
 
     Decoding runs in DataLoader workers and HDF5 writing in a thread, both overlapped
@@ -303,35 +388,63 @@ def _run(model, images: ImageList, batches: list[list[int]], stats: list, writer
     CPU), whichever rank computes them. The progress line (rank 0's) counts every rank's
     images, of `total`.
     """
-    if not batches:
+    if loaded is None:
         return
-    pre = Preprocessing.from_dict(writer.manifest["preprocessing"])
     cuda = device.type == "cuda"
     model = model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     done = job.counter("extract/images")
-    loader = DataLoader(ImageBatches(images, pre), batch_sampler=batches, collate_fn=collate,
-                        num_workers=default_workers(config.workers, cuda), pin_memory=cuda)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision])
                 if precision != "float32" else contextlib.nullcontext())
     store_dtype = getattr(torch, config.dtype)
     committer = _Committer(writer)
     try:
         shown = config.progress if job.lead else False
-        with progress(total, "extract", shown) as bar, torch.inference_mode():
-            for batch in loader:
+        with progress(total, "extract", shown) as bar, torch.inference_mode(), \
+                _interrupt_between_batches() as check_interrupt:
+            for batch in loaded:
                 feats = (_forward(model, batch["images"], device, autocast, store_dtype)
                          if len(batch["index"]) else None)
                 committer.put(feats, [images.labels[i] for i in batch["index"]],
                               [images.paths[i] for i in batch["index"]], batch["digests"],
                               batch["errors"], [stats[i] for i in batch["index"]])
                 bar.update(done(len(batch["index"]) + len(batch["errors"])) - bar.n)
+                check_interrupt()
+            check_interrupt()    # pressed while the last batch was awaited
         committer.close()
     finally:
         # Also when the loop raised: the caller closes the writer next, which must not race a
         # commit in progress, and a thread left waiting on its queue would never end.
         committer.stop()
+
+
+@contextlib.contextmanager
+def _interrupt_between_batches():
+    """Ctrl-C while batches are computed takes effect between two batches (the check this
+    yields raises KeyboardInterrupt then), a second Ctrl-C at once. An interrupt that lands while
+    the DataLoader receives a batch breaks the worker's hand-over of its shared memory, and the
+    worker prints a traceback. Only where Ctrl-C raises KeyboardInterrupt in the main thread
+    (not in another thread, not where SIGINT is ignored)."""
+    pressed = []
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    def first(signum, frame) -> None:
+        pressed.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield check
+        return
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
@@ -446,8 +559,136 @@ def _check_output(output: Path) -> None:
         raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}: choose another -o")
-    if output.exists() and not os.access(output, os.W_OK):
+
+
+def _check_replaceable(output: Path) -> None:
+    """--overwrite replaces a feature cache, nothing else: refuse an existing -o that is not a
+    regular file, or not one of our caches."""
+    if not output.exists():
+        return
+    if not output.is_file():
+        raise UserError(f"{output} exists and is not a regular file (a device, pipe or socket): "
+                        "extract writes only over its own feature caches; choose another -o")
+    if not os.access(output, os.W_OK):
         raise UserError(f"cannot replace {output}: it is not writable")
+    kind = cache_kind(output)
+    if kind == "unreadable":
+        raise UserError(f"{output} exists and HDF5 cannot read it: if it is a damaged feature "
+                        "cache, delete it and re-run; otherwise choose another -o")
+    if kind != "cache":
+        what = "an HDF5 file of other data" if kind == "hdf5" else "not an HDF5 file"
+        raise UserError(f"{output} exists and is not a feature cache ({what}): extract replaces "
+                        "only its own caches, even with --overwrite; choose another -o, or move "
+                        "that file away")
+
+
+def _check_not_an_input(output: Path, images: ImageList) -> None:
+    """Refuse an -o that names one of the images, also through a symbolic link. (A hard link
+    to an image is no feature cache: `_check_replaceable` refuses it.)"""
+    target = output.resolve()
+    names = {str(target)}                    # a list file may give absolute paths
+    with contextlib.suppress(ValueError):
+        names.add(target.relative_to(images.root).as_posix())
+    clash = names.intersection(images.paths)
+    if clash:
+        raise UserError(f"{output} is one of the input images ({clash.pop()}): extract never "
+                        "writes over its input; choose another -o")
+
+
+_HELD_LOCKS: set[int] = set()   # descriptors of the output locks this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), close its copies of the lock descriptors. A
+    flock belongs to the open file, which fork shares: a worker that outlives a killed run by
+    the seconds it takes to notice would keep the cache locked."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class _OutputLock:
+    """An exclusive flock on `.CACHE.h5.lock` beside the output, the file holding the holder's
+    pid and host. The kernel releases it when the holder ends, however it ends."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.path = output.parent / f".{output.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UserError naming the run that holds it. Where no lock file
+        can be made (no such folder, read-only, not a regular output), the output checks that
+        follow say what is wrong, so this takes none."""
+        if fcntl is None or self.output.is_dir() or (self.output.exists()
+                                                     and not self.output.is_file()):
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise UserError(f"{self.output} is being written by another `pipeline "
+                                    f"extract` ({holder}); wait for it or stop it") from None
+                log.warning("could not lock %s (%s): make sure no other extract writes %s at "
+                            "the same time", self.path, e, self.output)
+                return
+            # A run that finished removes the file while it still holds the lock; one that got
+            # the removed file locked it in vain, and tries the file now at the path.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.fd = fd
+        _HELD_LOCKS.add(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()       # before unlocking: see acquire
+        _HELD_LOCKS.discard(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    """ "pid N" (and "on HOST" when another) of the lock file's holder, which writes them just
+    after it locks: a moment's wait covers that."""
+    for _ in range(20):
+        words = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if words:
+            host = f" on {words[1]}" if len(words) > 1 and words[1] != socket.gethostname() else ""
+            return f"pid {words[0]}{host}"
+        time.sleep(0.05)
+    return "pid unknown"
+
+
+def _held_rows(output: Path) -> int:
+    """Rows committed in the unfinished files of `output` (its partial and shards)."""
+    total = 0
+    for path in (partial_path(output), *shard_paths(output)):
+        with contextlib.suppress(Exception):
+            if path.exists():
+                with CacheReader(path, allow_incomplete=True) as r:
+                    total += r.n_rows
+    return total
 
 
 def _build(config: ExtractConfig):

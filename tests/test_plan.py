@@ -17,7 +17,7 @@ import pytest
 
 from cache.errors import UserError
 from cache.plan import CHANGED_REASON, finalize, open_compatible, open_existing, plan
-from cache.store import CacheReader, CacheWriter, partial_path
+from cache.store import CacheBusy, CacheReader, CacheWriter, partial_path, repair
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "0" * 64,
@@ -221,3 +221,102 @@ def test_cache_imports_neither_torch_nor_click():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+NOT_UTF8 = "file or folder name is not valid UTF-8: rename it"
+
+
+def test_unusable_names_are_errors_with_no_digest(tmp_path):
+    path = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)])
+    images = [("a/0.png", 0, 0), ("b/1.png", 1, 0)]
+    with CacheReader(path) as r:
+        planned = plan(*listing(images), [r], unusable=[("b/\\xff.png", NOT_UTF8),
+                                                         ("a/\\xfe.png", NOT_UTF8)])
+    assert planned.rows == [(0, 0, 0)] and planned.todo == [1]
+    assert planned.errors == [("a/\\xfe.png", "", NOT_UTF8), ("b/\\xff.png", "", NOT_UTF8)]
+
+
+def test_finalize_appends_missing_errors_to_a_partial_and_renames_it(tmp_path):
+    out = tmp_path / "c.h5"
+    part = write(partial_path(out), [("a/0.png", 0, 0, 1.0), ("b/0.png", 1, 0, 2.0)],
+                 complete=False)
+    inode = os.stat(part).st_ino
+    images = [("a/0.png", 0, 0), ("b/0.png", 1, 0), ("b/late.png", 1, 0)]
+    final = finalize(out, MANIFEST, *listing(images), unusable=[("a/\\xff.png", NOT_UTF8)])
+    assert os.stat(out).st_ino == inode and not part.exists()   # renamed, not copied
+    want = [("a/\\xff.png", "", NOT_UTF8), ("b/late.png", digest("b/late.png"), CHANGED_REASON)]
+    assert final.errors == want
+    feats, labels, paths, _, errors, manifest = contents(out)
+    assert sorted(errors) == want and manifest["errors"] == 2
+    assert feats.tolist() == [[1.0, 1.5, -1.0], [2.0, 2.5, -2.0]] and labels == [0, 1]
+
+
+HOLD = ("import sys, time, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); "
+        "time.sleep(60)")
+
+
+def test_a_file_held_by_another_process_is_busy_even_with_overwrite(tmp_path):
+    out = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)])
+    part = write(partial_path(out), [("a/1.png", 0, 0, 2.0)], complete=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(part)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = part.read_bytes()
+        for overwrite in (False, True):
+            with pytest.raises(CacheBusy, match=r"c\.h5\.partial is busy: another process has "
+                                                r"it open") as e:
+                open_existing(out, MANIFEST, overwrite)
+            assert "--overwrite" not in str(e.value)
+            _assert_closed(out)
+        assert part.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_partial_cut_short_by_a_failed_flush_is_rebuilt_from_its_committed_rows(tmp_path):
+    """A flush that failed after recording the file's new end, before writing its tail: HDF5
+    refuses such a file ("truncated file"); the rows committed before it are kept."""
+    out = tmp_path / "c.h5"
+    part = partial_path(out)
+    writer = CacheWriter.create(part, MANIFEST)
+    writer.commit(np.array([[1.0, 1.5, -1.0], [2.0, 2.5, -2.0]], np.float32), [0, 1],
+                  ["a/0.png", "b/0.png"], [digest("a/0.png"), digest("b/0.png")])
+    size = part.stat().st_size
+    h5 = writer._h5            # a second batch written and flushed, its marker never set
+    for name, values in (("features", np.full((4000, 3), 7, np.float32)),
+                         ("labels", np.zeros(4000, np.int64)),
+                         ("paths", np.array(["x.png"] * 4000, dtype=object)),
+                         ("digests", np.array([b"0" * 64] * 4000))):
+        h5[name].resize(4002, axis=0)
+        h5[name][2:] = values
+    h5.flush()
+    writer.close()
+    os.truncate(part, size)
+    with pytest.raises(UserError, match="truncated file"):
+        CacheReader(part, allow_incomplete=True)
+    old, held = open_existing(out, MANIFEST, False)
+    try:
+        assert old is None and held.n_rows == 2 and held.paths == ["a/0.png", "b/0.png"]
+        assert held.load_features().tolist() == [[1.0, 1.5, -1.0], [2.0, 2.5, -2.0]]
+    finally:
+        held.close()
+    assert not list(tmp_path.glob("*.repairing"))
+    final = finalize(out, MANIFEST, *listing([("a/0.png", 0, 0), ("b/0.png", 1, 0)]))
+    assert final.rows == [(0, 0, 0), (1, 0, 1)] and contents(out)[2] == ["a/0.png", "b/0.png"]
+
+
+def test_a_partial_whose_committed_rows_cannot_be_read_is_named_damaged(tmp_path):
+    out = tmp_path / "c.h5"
+    part = write(partial_path(out), [("a/0.png", 0, 0, 1.0)], complete=False)
+    part.write_bytes(part.read_bytes()[:600])       # its metadata gone with the tail
+    with pytest.raises(UserError, match=r"c\.h5\.partial is damaged \(.*\) and cannot be "
+                                        r"repaired: delete it and re-run the same extract "
+                                        r"command \(its rows are computed again\)"):
+        repair(part)
+    with pytest.raises(UserError, match=r"c\.h5\.partial exists but is not a usable feature "
+                                        r"cache .*pass --overwrite to replace it"):
+        open_existing(out, MANIFEST, False)
+    assert open_existing(out, MANIFEST, True) == [None, None]
