@@ -35,6 +35,10 @@ FEATURE_KEYS = (
     "cuts",           # several cuts: [{name, layer, layer_alias, pool, feature_dim}]; else None
     "views",          # augmented views: {count, spec, seed}; None for the plain view alone
 )
+# Fields that decide the plain-view row of an image, whatever the storage dtype and whatever
+# augmented views a cache also holds: train, val and test caches, and a head and the cache
+# that checks it, must agree on these.
+ROW_KEYS = tuple(k for k in FEATURE_KEYS if k not in ("dtype", "views"))
 
 
 def cuts(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -25,9 +25,9 @@ from .splits import hash_split
 
 log = logging.getLogger("pipeline.train_head")     # one logger for the whole stage
 
-# What must agree between train, val and test caches: everything that decides a feature row
-# except its storage dtype (a float16 train cache with a float32 val cache is fine).
-MATCH_KEYS = tuple(k for k in mf.FEATURE_KEYS if k != "dtype") + ("class_names",)
+# What must agree between train, val and test caches: everything that decides a plain-view
+# feature row (a float16 train cache of 8 views with a float32 one-view val cache is fine).
+MATCH_KEYS = mf.ROW_KEYS + ("class_names",)
 EVAL_ROWS = 1024          # rows per evaluation batch
 
 
