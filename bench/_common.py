@@ -103,7 +103,10 @@ def synthetic_cache(path: Path, rows: int, dim: int = 4096, classes: int = 10,
     labels = rng.integers(0, classes, rows)
     manifest = {"backbone": "vgg16", "weights": "none", "weights_sha256": "0" * 64,
                 "layer": "classifier.4", "layer_alias": "fc7", "feature_dim": dim,
-                "preprocessing": {}, "precision": "float32", "dtype": dtype,
+                "preprocessing": {"resize_size": 256, "crop_size": 224,
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                  "interpolation": "bilinear", "antialias": True},
+                "precision": "float32", "dtype": dtype,
                 "class_names": [f"c{i}" for i in range(classes)], "source_root": str(path.parent)}
     writer = CacheWriter.create(partial_path(path), manifest)
     for start in range(0, rows, 4096):

@@ -12,6 +12,9 @@ from .store import CacheReader
 def describe(path: str | Path) -> dict:
     """A JSON-able summary of the cache at `path` (finished or not)."""
     with CacheReader(path, allow_incomplete=True) as r:
+        # The reader checked what reading features needs; a description shows every
+        # preprocessing setting, so those must be there too.
+        mf.validate(r.file_manifest, r.path, preprocessing=mf.FOR_DISPLAY)
         names = r.class_names
         counts = np.bincount(r.labels[r.labels >= 0], minlength=len(names)) if names else []
         return {

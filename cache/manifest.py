@@ -8,12 +8,17 @@ A cache holds one cut (format 1: `layer`, `layer_alias`, `pool` and `feature_dim
 or several cuts of one forward pass (format 2: a `cuts` list of those fields, each with the
 `name` of its dataset). `cut_manifest()` gives one cut of either as a format-1 manifest, so
 the stages that use one cut read both alike.
+
+`validate()` checks what a stored manifest holds before anything reads it, so that a damaged
+one is one line naming the file and the field (`Fields` does the same for the other JSON files
+of the pipeline: head.json, metrics.json, model metadata).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import math
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from .errors import UserError
 
@@ -82,14 +87,52 @@ def dumps(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
 
 
-def loads(text: str | bytes) -> dict[str, Any]:
-    """Parse a stored manifest."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")
-    manifest = json.loads(text)
+def loads(text: str | bytes, path: Any = None) -> dict[str, Any]:
+    """Parse a stored manifest (of the cache at `path`, named in the error if it is not a JSON
+    object). `validate()` checks its fields."""
+    return Fields(path if path is not None else "cache", "cache manifest", REEXTRACT).load(text)
+
+
+def validate(manifest: Any, path: Any, preprocessing: tuple = ("crop_size",)) -> dict[str, Any]:
+    """`manifest` if it holds every field a reader relies on, with the right type; else a
+    UserError naming `path`, the field and the fix. Both forms: one cut (layer, feature_dim at
+    the top) and several (a `cuts` list of them). Of the preprocessing settings, those named in
+    `preprocessing` must be there (readers of features need only the crop size; `FOR_DISPLAY`
+    for showing them all)."""
+    f = Fields(path, "cache manifest", REEXTRACT)
     if not isinstance(manifest, dict):
-        raise UserError("cache manifest is not a JSON object: the file is not a feature cache")
+        f.fail("the manifest", "a JSON object", manifest)
+    for key in ("backbone", "weights", "weights_sha256", "precision", "dtype"):
+        f.need(manifest, key, NAME)
+    f.need(manifest, "class_names", STRINGS)
+    # Extract records all six preprocessing settings; readers of features use only the crop
+    # size (the others travel on to the heads, where they are checked in full).
+    check_preprocessing(f, f.need(manifest, "preprocessing", OBJECT), "preprocessing.",
+                        required=preprocessing, strict=False)
+    for key in ("source_root", "source_kind"):
+        f.may(manifest, key, optional(STRING))
+    for key in ("config", "versions"):
+        f.may(manifest, key, optional(OBJECT))
+    if manifest.get("cuts") is None:
+        _check_cut(f, manifest, "")
+        return manifest
+    listed = f.need(manifest, "cuts", Check(
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, dict) for c in v),
+        "a non-empty list of objects"))
+    for i, cut in enumerate(listed):
+        f.need(cut, "name", NAME, f"cuts[{i}].")
+        _check_cut(f, cut, f"cuts[{i}].")
+    names = [c["name"] for c in listed]
+    if len(set(names)) != len(names):
+        f.fail("cuts", "a list of cuts with distinct names", names)
     return manifest
+
+
+def _check_cut(f: "Fields", cut: dict, where: str) -> None:
+    f.need(cut, "layer", NAME, where)
+    f.need(cut, "feature_dim", POSITIVE, where)
+    f.may(cut, "layer_alias", optional(STRING), where)
+    f.may(cut, "pool", optional(STRING), where)
 
 
 def feature_fingerprint(manifest: dict[str, Any]) -> str:
@@ -126,3 +169,112 @@ def _cut_list(items: list) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------ checking stored JSON files
+
+REEXTRACT = "re-extract it with `pipeline extract SOURCE -o CACHE --overwrite`"
+PREPROCESSING_KEYS = ("resize_size", "crop_size", "mean", "std", "interpolation", "antialias")
+# torchvision's InterpolationMode values (the cache layer does not import torchvision).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+_MISSING = object()
+
+
+class Check(NamedTuple):
+    """What a field must be: a test and the words for it ("a list of strings")."""
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A JSON number (NaN and infinities included: Python's json writes them)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def optional(check: Check) -> Check:
+    return Check(lambda v: v is None or check.ok(v), f"{check.text} or null")
+
+
+def one_of(*values) -> Check:
+    return Check(lambda v: isinstance(v, (str, int, float)) and v in values,
+                 "one of " + ", ".join(map(str, values)))
+
+
+STRING = Check(lambda v: isinstance(v, str), "a string")
+NAME = Check(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+BOOL = Check(lambda v: isinstance(v, bool), "true or false")
+POSITIVE = Check(lambda v: _is_int(v) and v >= 1, "a positive integer")
+COUNT = Check(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+NUMBER = Check(is_number, "a number")
+OBJECT = Check(lambda v: isinstance(v, dict), "an object")
+LIST = Check(lambda v: isinstance(v, list), "a list")
+STRINGS = Check(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                "a list of strings")
+_RGB = Check(lambda v: isinstance(v, list) and len(v) == 3
+             and all(is_number(x) and math.isfinite(x) for x in v), "a list of 3 finite numbers")
+_RGB_SCALE = Check(lambda v: _RGB.ok(v) and all(x > 0 for x in v),
+                   "a list of 3 positive finite numbers")
+
+
+class Fields:
+    """Checks the fields of one stored JSON file of a known kind. The first wrong one raises
+    UserError "<file>: damaged <kind>: <field> must be <what> (<got>): <fix>", so every reader
+    can index what it checked without a KeyError or TypeError further on."""
+
+    def __init__(self, path: Any, kind: str, fix: str):
+        self.path, self.kind, self.fix = path, kind, fix
+
+    def fail(self, field: str, must: str, value: Any = _MISSING) -> NoReturn:
+        got = "it is missing" if value is _MISSING else f"got {_short(value)}"
+        raise UserError(f"{self.path}: damaged {self.kind}: {field} must be {must} ({got}): "
+                        f"{self.fix}")
+
+    def load(self, text: str | bytes) -> dict[str, Any]:
+        """Parse JSON text that must hold an object."""
+        try:
+            if isinstance(text, (bytes, bytearray)):
+                text = bytes(text).decode("utf-8")
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:   # JSONDecodeError, UnicodeDecodeError, not text
+            raise UserError(f"{self.path}: damaged {self.kind}: not valid JSON ({e}): "
+                            f"{self.fix}") from None
+        if not isinstance(data, dict):
+            self.fail("the file", "a JSON object", data)
+        return data
+
+    def need(self, obj: dict, key: str, check: Check, where: str = "") -> Any:
+        """obj[key], which must be there and pass `check`."""
+        if key not in obj:
+            self.fail(where + key, check.text)
+        return self.may(obj, key, check, where)
+
+    def may(self, obj: dict, key: str, check: Check, where: str = "") -> Any:
+        """obj[key] if it is there (it must then pass `check`), else None."""
+        value = obj.get(key)
+        if key in obj and not check.ok(value):
+            self.fail(where + key, check.text, value)
+        return value
+
+
+FOR_MODELS = ("resize_size", "crop_size", "mean", "std")   # what rebuilding the transform needs
+FOR_DISPLAY = (*FOR_MODELS, "interpolation")              # what `pipeline inspect` shows
+
+
+def check_preprocessing(f: Fields, value: dict, where: str, required: tuple = FOR_MODELS,
+                        strict: bool = True) -> dict:
+    """The preprocessing settings `value` (a dict): the `required` keys must be there, every
+    key there must have its type, and with `strict` no other key may be there (rebuilding the
+    transform takes exactly these)."""
+    checks = {"resize_size": POSITIVE, "crop_size": POSITIVE, "mean": _RGB, "std": _RGB_SCALE,
+              "interpolation": one_of(*INTERPOLATIONS), "antialias": BOOL}
+    for key, check in checks.items():
+        (f.need if key in required else f.may)(value, key, check, where)
+    unknown = sorted(set(value) - set(PREPROCESSING_KEYS))
+    if strict and unknown:
+        f.fail(where + unknown[0], "absent: it is not a preprocessing setting",
+               value[unknown[0]])
+    return value

@@ -4,13 +4,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import click
 
 from pipeline.config import FORMATS, INPUTS, ExportConfig, PredictConfig
 
-from .main_helpers import defaults, fail_on_user_error
+from .main_helpers import defaults, fail_on_user_error, output_file
 
 _E = defaults(ExportConfig)
 _P = defaults(PredictConfig)
@@ -18,7 +19,8 @@ _P = defaults(PredictConfig)
 
 @click.command("export")
 @click.argument("head", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+@click.option("-o", "--output", type=str, required=True, callback=output_file("model.pt2"),
+              metavar="FILE",
               help="The model file: MODEL.pt2, MODEL.onnx, or MODEL.pth (+ MODEL.json) for "
                    "--format torchvision.")
 @click.option("--format", "format", type=click.Choice(FORMATS), default=_E["format"],
@@ -80,8 +82,8 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
               help="Classes reported per image, most probable first.")
 @click.option("--format", "out_format", type=click.Choice(["table", "csv", "json"]),
               default="table", show_default=True, help="Output format.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the predictions to this file instead of stdout.")
+@click.option("-o", "--output", type=str, default=None, callback=output_file("predictions.csv"),
+              metavar="FILE", help="Write the predictions to this file instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_P["batch_size"],
               show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=_P["workers"], show_default=True,
@@ -105,6 +107,7 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
 
     if output is not None:
         _refuse_input_as_output(output, [model, *images])
+        _check_output_folder(output)
     result = predict(model, images, PredictConfig(**options, progress=False if quiet else None))
     if output is not None:
         _refuse_input_as_output(output, [Path(p["path"]) for p in result.predictions]
@@ -116,11 +119,21 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
         click.echo(text, nl=not text.endswith("\n"))
         click.echo(result.line(), err=True)
         return
-    try:
-        output.write_text(text)
-    except OSError as e:
-        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
+    from pipeline._files import write_text
+
+    write_text(output, text, "free some space or choose another -o")
     click.echo(f"{result.line()}; written to {output}")
+
+
+def _check_output_folder(output: Path) -> None:
+    """Refuse, before predicting, an -o whose folder is missing or cannot be written."""
+    from cache.errors import UserError
+
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"-o {output}: the folder {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output}: {parent} is not writable: choose another -o")
 
 
 def _refuse_input_as_output(output: Path, inputs: list[Path]) -> None:

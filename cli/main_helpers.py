@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 
 import click
 
@@ -24,3 +26,27 @@ def fail_on_user_error(fn):
         except UserError as e:
             raise click.ClickException(str(e)) from None
     return wrapper
+
+
+def output_file(example: str):
+    """A click callback for `-o FILE`: an empty value is a usage error, and so is a folder (a
+    trailing slash, or one that exists), which would otherwise be written as a file of that
+    name or fail deep inside; the message gives a file name to use instead."""
+    def check(ctx, param, value):
+        if value is None:
+            return None
+        if not value.strip():
+            raise click.BadParameter(f"is empty: give a file name, such as {example}")
+        if value.endswith(("/", os.sep)) or Path(value).is_dir():
+            raise click.BadParameter(f"{value} is a folder: give a file name in it, such as "
+                                     f"{Path(value) / example}")
+        return Path(value)
+    return check
+
+
+def output_folder(ctx, param, value):
+    """A click callback for `-o FOLDER`: an empty value is a usage error (it would mean the
+    current folder, silently)."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("is empty: give a folder, such as runs/")
+    return None if value is None else Path(value)

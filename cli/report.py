@@ -7,14 +7,15 @@ import click
 
 from pipeline.config import ReportConfig
 
-from .main_helpers import defaults, fail_on_user_error
+from .main_helpers import defaults, fail_on_user_error, output_folder
 
 _D = defaults(ReportConfig)
 
 
 @click.command("report")
 @click.argument("runs_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              callback=output_folder,
               help="Folder for the PNG figures and report.md; default: RUNS_DIR/report.")
 @click.option("--cache", type=click.Path(path_type=Path, dir_okay=False), default=_D["cache"],
               help="The cache holding the validation rows (the --val cache, or the train cache "

@@ -9,7 +9,7 @@ import click
 
 from pipeline.config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
 
-from .main_helpers import defaults, fail_on_user_error
+from .main_helpers import defaults, fail_on_user_error, output_folder
 
 _D = defaults(TrainConfig)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -96,8 +96,8 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 
 @click.command("train-head")
 @click.argument("train", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("-o", "--output", "runs_dir", type=click.Path(path_type=Path, file_okay=False),
-              required=True,
+@click.option("-o", "--output", "runs_dir", type=click.Path(file_okay=False), required=True,
+              callback=output_folder,
               help="Folder for the runs (RUNS/<run-id>/), results.csv and summary.json.")
 @click.option("--val", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Validation cache (same backbone, weights, cut, preprocessing and classes).")

@@ -5,23 +5,38 @@ head.json's `data.val` says where a head's validation rows came from, as JSON th
 match on `kind`: {"kind": "hash_split", "fraction": F} (the rows of the train cache whose path
 hashes below F, `splits.validation_rows`), {"kind": "cache", "path": P} (every labeled row of
 the cache P), or null (no validation data).
+
+A runs folder holds every sweep written into it: results.csv and summary.json list the runs of
+earlier sweeps too (a run trained again, with the same run id, replaces its old row), ranked
+as one leaderboard. A sweep whose ranking would not compare with the folder's (validated on
+other rows, or other classes) is refused before it trains. Every file is written under a
+temporary name and renamed into place (`_files.write_file`), and the files read back are
+checked (`read_results`, `read_metrics`, `read_summary`), a damaged one being one line.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cache import manifest as mf
+from cache.errors import UserError
+from cache.manifest import COUNT, LIST, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields, optional
 
 from ._feature_splits import Context
+from ._files import write_file, write_text
 from ._sweep import Experiment
 from ._version import __version__
-from .heads import save_head
+from .config import HEADS
+from .heads import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",
@@ -61,14 +76,20 @@ class TrainSummary:
     data: dict                     # role -> {"path", "rows"} or None
     memory: dict                   # the memory plan and the peak of features held
     seconds: float
-    leaderboard: list              # results.csv rows as dicts, best first
+    leaderboard: list              # results.csv rows as dicts, best first: every run of the
+                                   # folder, this sweep's and those of earlier sweeps into it
+    runs: int = 0                  # rows of the leaderboard
+    warnings: list = field(default_factory=list)   # what makes the numbers mean less
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"{self.experiments} experiments in {len(self.passes)} passes, ranked by "
-                f"{self.ranked_by}, {self.seconds:.1f} s. Results: {self.results_csv}")
+        earlier = (f" ({self.runs} runs in the folder with earlier sweeps)"
+                   if self.runs > self.experiments else "")
+        return (f"{self.experiments} experiments in {len(self.passes)} passes{earlier}, ranked "
+                f"by {self.ranked_by}, {self.seconds:.1f} s. Results: {self.results_csv}"
+                + "".join(f" WARNING: {w}" for w in self.warnings))
 
 
 def run_label(e: Experiment) -> str:
@@ -108,9 +129,17 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
                  "data_seed": ctx.cfg.data_seed, "shuffle_window_chunks": ctx.window},
         "versions": {"pipeline": __version__, "torch": torch.__version__},
     }
-    run_dir = save_head(runs_dir / run_id, r.state, meta)
-    (run_dir / "metrics.json").write_text(json.dumps(
-        {"run_id": run_id, "epochs": r.history, "best_epoch": r.best_epoch, **r.final}, indent=2))
+    run_dir = runs_dir / run_id
+    new = not run_dir.exists()
+    try:
+        save_head(run_dir, r.state, meta)
+        write_text(run_dir / "metrics.json", json.dumps(
+            {"run_id": run_id, "epochs": r.history, "best_epoch": r.best_epoch, **r.final},
+            indent=2), WRITE_FIX)
+    except BaseException:
+        if new:   # a run folder is whole or absent: an earlier version's files stay as they are
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     last = r.history[-1] if r.history else {}
     train, val, test = (r.final.get(k) or {} for k in ("train", "val", "test"))
     return {
@@ -155,38 +184,101 @@ def _val_source(ctx: Context) -> dict | None:
     return {"kind": VAL_CACHE, "path": str(ctx.val.reader.path.resolve())}
 
 
-def summarize(rows: list[dict], runs_dir: Path, ctx: Context, memory: dict, passes: list,
-              seconds: float) -> TrainSummary:
-    """Rank the rows (setting their `rank`) and gather what the sweep did."""
-    if ctx.val is not None:
-        rows.sort(key=lambda r: (-r["val_acc"], r["val_loss"], r["run_id"]))
-        ranked_by = "validation accuracy"
-    else:
-        rows.sort(key=lambda r: (r["train_loss"], r["run_id"]))
-        ranked_by = ("log loss on the training rows, without dropout or label smoothing (no "
-                     "validation data: give --val or --val-fraction)")
-    for i, r in enumerate(rows, 1):
-        r["rank"] = i
+def summarize(rows: list[dict], earlier: list[dict], runs_dir: Path, ctx: Context, memory: dict,
+              passes: list, seconds: float, warnings: list) -> TrainSummary:
+    """This sweep's rows and the `earlier` rows of the folder (those not trained again) ranked
+    as one leaderboard (setting their `rank`), and what the sweep did."""
+    again = {r["run_id"] for r in rows}
+    board = rows + [r for r in earlier if r["run_id"] not in again]
+    ranked_by = rank(board, ctx.val is not None)
     held = sum(s.ram.nbytes for s in (ctx.train, ctx.val, ctx.test)
                if s is not None and s.ram is not None)
     memory["peak_feature_bytes"] = held + ctx.train.peak_group_bytes + (
         memory["chunk_bytes"] if memory["eval"] == "stream" else 0)
     return TrainSummary(
         runs_dir=str(runs_dir), results_csv=str(runs_dir / "results.csv"), experiments=len(rows),
-        passes=passes, ranked_by=ranked_by, best_run=rows[0]["run_id"],
-        best_path=rows[0]["path"], class_names=list(ctx.class_names),
-        data={role: {"path": str(s.reader.path), "rows": len(s.rows)} if s else None
-              for role, s in (("train", ctx.train), ("val", ctx.val), ("test", ctx.test))},
-        memory=memory, seconds=seconds, leaderboard=rows)
+        passes=passes, ranked_by=ranked_by, best_run=board[0]["run_id"],
+        best_path=board[0]["path"], class_names=list(ctx.class_names),
+        data=data_of(ctx.train, ctx.val, ctx.test),
+        memory=memory, seconds=seconds, leaderboard=board, runs=len(board),
+        warnings=list(warnings))
+
+
+def rank(rows: list[dict], validated: bool) -> str:
+    """Sort `rows` best first, setting their `rank`; return what they are ranked by. A missing
+    or NaN value ranks last (a diverged head has NaN losses)."""
+    def value(v, worst):
+        return worst if v is None or v != v else v
+
+    if validated:
+        rows.sort(key=lambda r: (-value(r.get("val_acc"), -math.inf),
+                                 value(r.get("val_loss"), math.inf), r["run_id"]))
+        ranked_by = "validation accuracy"
+    else:
+        rows.sort(key=lambda r: (value(r.get("train_loss"), math.inf), r["run_id"]))
+        ranked_by = ("log loss on the training rows, without dropout or label smoothing (no "
+                     "validation data: give --val or --val-fraction)")
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return ranked_by
+
+
+def data_of(train, val, test) -> dict:
+    """role -> {"path" (resolved), "rows"} or None, of the splits a sweep trains, ranks and
+    tests on."""
+    return {role: {"path": str(s.reader.path.resolve()), "rows": len(s.rows)} if s else None
+            for role, s in (("train", train), ("val", val), ("test", test))}
+
+
+def earlier_runs(runs_dir: Path, data: dict, class_names: list[str]) -> list[dict]:
+    """The rows of the sweeps already in `runs_dir` (none if it holds none), after checking
+    that this sweep ranks on the same footing: the same classes, and the same validation rows
+    (without validation, the same training rows). Called before training."""
+    csv_path, summary_path = runs_dir / "results.csv", runs_dir / "summary.json"
+    if not csv_path.exists():
+        return []
+    rows = read_results(csv_path)
+    if not summary_path.is_file():
+        raise UserError(f"{runs_dir} holds results.csv but no summary.json, so it cannot tell "
+                        "what those runs were ranked on: write this sweep to another -o folder")
+    old = read_summary(summary_path)
+    other = f"write this sweep to another -o folder (or move {runs_dir} away)"
+    if old["class_names"] != list(class_names):
+        raise UserError(f"{runs_dir} holds a sweep over the classes {old['class_names']}, this "
+                        f"one is over {list(class_names)}: one leaderboard cannot rank "
+                        f"both: {other}")
+    theirs = old["data"]
+    if theirs.get("val") != data["val"] or (
+            data["val"] is None and theirs.get("train") != data["train"]):
+        raise UserError(f"{runs_dir} ranks its runs {_ranking(theirs)}, this sweep would rank "
+                        f"its runs {_ranking(data)}: their numbers do not compare, so one "
+                        f"leaderboard cannot rank both: {other}")
+    return rows
+
+
+def _ranking(data: dict) -> str:
+    """How a sweep with these data (`data_of`) ranks its runs, in words."""
+    if data.get("val") is None:
+        train = data["train"]
+        return (f"by the training loss on {train['path']} ({train['rows']} rows), having no "
+                "validation data")
+    return f"by validation accuracy on {data['val']['path']} ({data['val']['rows']} rows)"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """results.csv: CSV_COLUMNS, one row per experiment; None as an empty cell."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_COLUMNS})
+    """results.csv: CSV_COLUMNS, one row per experiment; None as an empty cell. Written under a
+    temporary name and renamed, so a full disk leaves the previous results.csv."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_COLUMNS})
+    write_file(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""),
+               WRITE_FIX)
+
+
+def write_summary(path: Path, summary: TrainSummary) -> None:
+    write_text(path, json.dumps(summary.to_json(), indent=2), WRITE_FIX)
 
 
 def csv_value(key: str, text: str | None):
@@ -197,3 +289,107 @@ def csv_value(key: str, text: str | None):
         return text
     number = float(text)
     return int(number) if key in INT_COLUMNS else number
+
+
+# ------------------------------------------------------------------------ reading them back
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")   # a plain folder name in RUNS_DIR
+_REWRITE = "restore it from a copy, or run `pipeline train-head` into a new -o folder"
+
+
+def read_results(path: Path) -> list[dict]:
+    """results.csv as `write_csv` wrote it, checked: rows as dicts of None, text and numbers
+    (unknown columns kept as text). A damaged table is one UserError naming the file, the line
+    and the column."""
+    f = Fields(path, "results table", _REWRITE)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        f.fail("the file", "UTF-8 text", f"{e.reason} at byte {e.start}")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        for column in ("run_id", "head"):
+            if column not in header:
+                f.fail(f"column {column!r}", "in the header line", header)
+        rows = []
+        for raw in reader:
+            line = reader.line_num
+            if None in raw or None in raw.values():
+                cells = sum(v is not None for v in raw.values()) + len(raw.get(None) or ())
+                f.fail(f"line {line}", f"{len(header)} cells, one per column", cells)
+            row = {}
+            for key, cell in raw.items():
+                if key not in CSV_COLUMNS:
+                    row[key] = cell or None
+                    continue
+                try:
+                    row[key] = csv_value(key, cell)
+                except (ValueError, OverflowError):
+                    f.fail(f"line {line}, column {key}",
+                           "an integer" if key in INT_COLUMNS else "a number", cell)
+            if not (row["run_id"] and _RUN_ID.fullmatch(row["run_id"])):
+                f.fail(f"line {line}, column run_id", "a run folder name", row["run_id"])
+            if row["head"] not in HEADS:
+                f.fail(f"line {line}, column head", "one of " + ", ".join(HEADS), row["head"])
+            rows.append(row)
+    except csv.Error as e:
+        f.fail("the file", "CSV", str(e))
+    return rows
+
+
+def read_metrics(path: Path, n_classes: int | None = None) -> dict:
+    """A run's metrics.json, checked: `epochs` a list of {epoch, numbers}, and each of train,
+    val, test absent, null or {top1, confusion_matrix (n_classes x n_classes counts), ...}."""
+    f = Fields(path, "run metrics", "retrain that run with `pipeline train-head`, or delete "
+                                    "its folder to leave it out of the report")
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    data = f.load(text)
+    f.may(data, "run_id", optional(STRING))
+    f.may(data, "best_epoch", optional(COUNT))
+    epochs = f.need(data, "epochs", LIST)
+    values = optional(NUMBER)
+    for i, e in enumerate(epochs):
+        where = f"epochs[{i}]."
+        if not isinstance(e, dict):
+            f.fail(f"epochs[{i}]", "an object", e)
+        f.need(e, "epoch", POSITIVE, where)
+        for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc"):
+            f.may(e, key, values, where)
+    c = n_classes
+    square = Check(lambda v: isinstance(v, list) and (c is None or len(v) == c) and all(
+        isinstance(row, list) and len(row) == len(v) and all(COUNT.ok(x) for x in row)
+        for row in v), "a square list of lists of counts"
+        + (f", {c} x {c} (the head's classes)" if c is not None else ""))
+    for role in ("train", "val", "test"):
+        m = f.may(data, role, optional(OBJECT))
+        if m is not None:
+            f.need(m, "top1", NUMBER, f"{role}.")
+            for key in ("top5", "balanced_accuracy", "log_loss"):
+                f.may(m, key, values, f"{role}.")
+            f.need(m, "confusion_matrix", square, f"{role}.")
+    return data
+
+
+def read_summary(path: Path) -> dict:
+    """A runs folder's summary.json, checked for what merging a sweep into it reads."""
+    f = Fields(path, "sweep summary", _REWRITE)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    data = f.load(text)
+    f.need(data, "class_names", STRINGS)
+    roles = f.need(data, "data", OBJECT)
+    f.need(roles, "train", OBJECT, "data.")
+    for role in ("train", "val", "test"):
+        d = f.may(roles, role, optional(OBJECT), "data.")
+        if d is not None:
+            f.need(d, "path", STRING, f"data.{role}.")
+            f.need(d, "rows", COUNT, f"data.{role}.")
+    return data

@@ -3,6 +3,7 @@ the passes that train them (heads of one shape and optimizer together, within a 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 from cache.errors import UserError
@@ -63,8 +64,14 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
              "dropout": fraction, "label_smoothing": fraction}
     for name, (ok, text) in rules.items():
         for v in getattr(cfg, name):
-            if not ok(v):
-                bad(f"--{name.replace('_', '-')} {v}", f"use values {text}")
+            # inf passes `> 0` and trains to NaN losses: every value must be a finite number.
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
+                bad(f"--{name.replace('_', '-')} {v}", f"use finite values {text}")
+    for name, ok, text in (("momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)")):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
+            bad(f"--{name.replace('_', '-')} {v}", f"use a finite value {text}")
     if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
         bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
     if cfg.schedule not in SCHEDULES:
@@ -78,8 +85,6 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
     for name in ("patience", "shuffle_chunks", "lr_step"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 0")
-    if not 0 <= cfg.val_fraction < 1:
-        bad(f"--val-fraction {cfg.val_fraction}", "use a fraction in [0, 1)")
     if cfg.patience and not (has_val or cfg.val_fraction > 0):
         bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 

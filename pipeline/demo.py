@@ -15,6 +15,7 @@ The stages are the library's own functions; this module only composes them.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,9 @@ def demo(out_dir: str | Path = "demo-out", config: DemoConfig = DemoConfig(),
         say(f"extract {part}: {caches[part].line()}")
 
     train_config = TrainConfig(**SWEEP, epochs=config.epochs)
+    # The demo's sweep starts afresh: train-head merges a new sweep into a runs folder's
+    # earlier ones, and refuses one on other data (other --per-class).
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)
     trained = train_head(caches["train"].path, out_dir / "runs", train_config,
                          test_path=caches["test"].path)
     seconds["train-head"] = trained.seconds

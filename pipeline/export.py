@@ -24,6 +24,7 @@ its logits must equal the head's on the cached features within the rounding of t
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -44,8 +45,8 @@ from cache.errors import UserError
 from cache.store import CacheReader
 
 from ._version import __version__
-from .backbone import (FrozenBackbone, ImageInput, Preprocessing, build_backbone, builder_kwargs,
-                       final_layer, is_timm, to_float_batch)
+from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
+                       builder_kwargs, final_layer, is_timm, to_float_batch)
 from .config import FORMATS, INPUTS, ExportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
@@ -106,8 +107,8 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
     a format this head cannot take, no reachable cached images, a failed parity check.
     """
     t0 = time.perf_counter()
-    output = Path(output)
-    _check_request(config, output)
+    given, output = str(output), Path(output)
+    _check_request(config, output, given)
     head, meta = _load_head(head_path)
     _check_format_fits(config.format, meta)
     reader = _open_cache(config, meta) if config.parity_check else None
@@ -119,17 +120,25 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
         backbone, info = _rebuild_backbone(meta, config.weights)
         model_meta = _model_meta(config, meta, info)
         model = _Stitched(backbone, head, ImageInput(pre) if config.input == "image" else None)
+        # Written and checked in a temporary folder beside the output (the same filesystem,
+        # so the renames are atomic): a failure leaves any previous model file as it was.
         tmp_dir = output.parent / f".{output.name}.exporting"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
         try:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+            _check_space(model, tmp_dir, output)
             files = _WRITERS[config.format](model, model_meta, tmp_dir / output.name)
             parity = None
             if probe is not None:
                 parity = _parity(load_model(tmp_dir / output.name), head, reader, *probe)
             final = [output.parent / f.name for f in files]
+            for f in files:
+                _fsync(f)     # a full disk can surface only when the data reaches the disk
             for f, dest in zip(files, final):
                 os.replace(f, dest)
+        except OSError as e:   # ENOSPC, EIO, EACCES, EROFS while writing
+            raise UserError(f"cannot write {output}: {e.strerror or e}: free some space or "
+                            f"choose another -o ({output.name} is as it was)") from None
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     finally:
@@ -161,17 +170,22 @@ class _Stitched(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # checks before any heavy work
 
-def _check_request(config: ExportConfig, output: Path) -> None:
+def _check_request(config: ExportConfig, output: Path, given: str) -> None:
+    """Refuse bad settings and an output that cannot be written, before any heavy work.
+    `given` is the output as the user wrote it (a Path drops a trailing slash)."""
     if config.format not in FORMATS:
         raise UserError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
     suffixes = SUFFIXES[config.format]
+    if not given.strip():
+        raise UserError(f"the output file name is empty: give one, such as "
+                        f"model{suffixes[0]}")
+    if given.endswith(("/", os.sep)) or output.is_dir():
+        raise UserError(f"-o {given} is a folder: give a file name in it, such as "
+                         f"{output / ('model' + suffixes[0])}")
     if output.suffix.lower() not in suffixes:
         raise UserError(f"-o {output}: a {config.format} model file ends in "
                          f"{' or '.join(suffixes)}; name it {output.with_suffix(suffixes[0])} "
                          f"or pick the format that matches")
-    if output.is_dir():
-        raise UserError(f"-o {output} is a folder: give a file name such as "
-                         f"{output / ('model' + suffixes[0])}")
     parent = output.resolve().parent
     if not parent.is_dir():
         raise UserError(f"output folder {parent} does not exist: create it first")
@@ -196,7 +210,7 @@ def _check_request(config: ExportConfig, output: Path) -> None:
 
 
 def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
-    """`heads.load_head` with every way a head file can be wrong turned into one ValueError."""
+    """`heads.load_head` (which checks head.json and head.pt), plus what export needs of it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no head at {path}: pass a run folder written by `pipeline train-head` "
@@ -204,26 +218,10 @@ def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
     if path.is_file() and path.name not in ("head.pt", "head.json"):
         raise UserError(f"{path} is not a head file: pass a run folder written by "
                          "`pipeline train-head` or its head.pt/head.json")
-    try:
-        head, meta = load_head(path)
-    except ValueError as e:
-        if not isinstance(e, json.JSONDecodeError):
-            raise   # load_head's own one-line refusals
-        raise UserError(f"head {path} is corrupt (head.json is not JSON: {e}): retrain it with "
-                         "`pipeline train-head` or pick another run") from None
-    except Exception as e:   # truncated zip, wrong tensor shapes, missing keys, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"head {path} is corrupt ({type(e).__name__}: {reason[:200]}): "
-                         "retrain it with `pipeline train-head` or pick another run") from None
-    cache = meta.get("cache")
-    needed = ("backbone", "weights", "weights_sha256", "layer", "feature_dim", "preprocessing",
-              "precision", "dtype")
-    if not isinstance(cache, dict) or any(k not in cache for k in needed):
+    head, meta = load_head(path)
+    if meta.get("cache") is None:
         raise UserError(f"head {path} does not record the cache it was trained on: "
                          "retrain it with `pipeline train-head`")
-    if int(meta["in_dim"]) != int(cache["feature_dim"]):
-        raise UserError(f"head {path} is corrupt: it takes {meta['in_dim']} features but its "
-                         f"cache has {cache['feature_dim']}: retrain it")
     return head, meta
 
 
@@ -236,6 +234,14 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
                         f"replaced: it needs a torchvision backbone cut at penultimate (VGG: fc7) "
                         f"and a linear (or logreg) head, this is a {meta['kind']} head on "
                         f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
+    backbone = meta["cache"]["backbone"]
+    # A VGG's penultimate cut is known without building it; other backbones are checked when
+    # the state_dict is loaded into the torchvision model (`_write_torchvision`).
+    if backbone.startswith("vgg") and meta["cache"]["layer"] != LAYER_ALIASES["fc7"]:
+        raise UserError(f"--format torchvision is {backbone} with its last layer replaced: it "
+                        f"needs the head on fc7 (the penultimate cut), this is a {meta['kind']} "
+                        f"head on {cut}: use --format pt2 or onnx, or extract with --layer "
+                        "penultimate")
 
 
 def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
@@ -344,6 +350,33 @@ def _example(model: _Stitched, meta: dict) -> tuple[torch.Tensor, dict]:
                3: torch.export.Dim("width", min=2, max=2**15)}
 
 
+# torch.export.save aborts the whole process (a C++ abort, exit 134) when the disk fills up
+# under it, which no Python handler can turn into a message: so the free space is checked
+# before any format is written, in the temporary folder beside the output where the file is
+# written (the same filesystem as the output, so the space checked is the space used). Each format holds every parameter and buffer once (the .pt2
+# archive stores them uncompressed, ONNX as initializers, torchvision as a state_dict), plus
+# the graph and metadata: the tensors' bytes with a relative and an absolute margin.
+_SPACE_MARGIN = (1.05, 16 * 2**20)
+
+
+def _check_space(model: nn.Module, folder: Path, output: Path) -> None:
+    tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = int(tensors * _SPACE_MARGIN[0]) + _SPACE_MARGIN[1]
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"not enough free space to write {output}: about {need / 2**20:.0f} MiB "
+                        f"needed, {free / 2**20:.0f} MiB free in {output.parent}: free some "
+                        f"space or choose another -o ({output.name} is as it was)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
     x, dims = _example(model, meta)
     program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
@@ -382,7 +415,12 @@ def _write_torchvision(model: _Stitched, meta: dict, path: Path) -> list[Path]:
         raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
                         f"head is on {cut}: {str(e).splitlines()[0][:160]}): use --format pt2 or "
                         "onnx, or extract with --layer penultimate") from None
-    torch.save({k: v.detach().contiguous() for k, v in state.items()}, path)
+    # Serialized in memory, then written by Python: torch.save reports a full disk as a
+    # RuntimeError ("unexpected pos ..."), not as the OSError that export turns into one line.
+    buf = io.BytesIO()
+    torch.save({k: v.detach().contiguous() for k, v in state.items()}, buf)
+    path.write_bytes(buf.getbuffer())
+    del buf
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({**meta, "weights_file": path.name}, indent=2))
     return [path, sidecar]

@@ -4,7 +4,6 @@ Shared by export (its parity check loads the written file back) and predict.
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,16 @@ import torch
 import torchvision
 from torchvision.transforms import functional as TF
 
+from cache import manifest as mf
 from cache.errors import UserError
+from cache.manifest import NAME, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields, one_of, optional
 
 from .backbone import Preprocessing
 
 MODEL_FORMAT = "pipeline-model/1"
 SUFFIXES = {"pt2": (".pt2",), "onnx": (".onnx",), "torchvision": (".pth", ".pt")}   # by format
 META_NAME = "pipeline.json"          # pt2 extra file / ONNX metadata_props key (as "pipeline")
+REEXPORT = "export the model again with `pipeline export RUN -o MODEL`"
 
 
 
@@ -42,7 +44,7 @@ class LoadedModel:
     @property
     def input_kind(self) -> str:
         """tensor: (N, 3, S, S) float in [0, 1]; image: (N, 3, H, W) uint8 of any size."""
-        return self.meta.get("input", {}).get("kind", "tensor")
+        return (self.meta.get("input") or {}).get("kind", "tensor")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -59,7 +61,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     device = torch.device(device)
     path = Path(path)
     if path.suffix.lower() == ".json" and path.is_file():   # the torchvision sidecar itself
-        path = path.with_name(_read_json(path).get("weights_file", path.stem + ".pth"))
+        meta = _read_json(path)
+        path = path.with_name(meta.get("weights_file") or path.stem + ".pth")
     if not path.is_file():
         raise UserError(f"no model at {path}: pass a file written by `pipeline export`")
     sidecar = path.with_suffix(".json")
@@ -67,27 +70,50 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         if not sidecar.is_file():
             raise UserError(f"{path} has no {sidecar.name} next to it: a torchvision-format "
                              "model needs the sidecar `pipeline export` wrote with it")
-        return _load_torchvision(path, _check_meta(_read_json(sidecar), sidecar), device)
+        return _load_torchvision(path, _read_json(sidecar), device)
     if zipfile.is_zipfile(path):
         return _load_pt2(path, device)
     return _load_onnx(path)
 
 
 def _read_json(path: Path) -> dict:
+    """The torchvision sidecar at `path`, checked (`check_meta`)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable model metadata ({e}): "
-                         "export the model again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not model metadata written by `pipeline export`")
-    return data
+        text = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return check_meta(text, path, sidecar=True)
 
 
-def _check_meta(meta: dict, where: Path) -> dict:
+def check_meta(text: str | bytes, where: Path, sidecar: bool = False) -> dict:
+    """The model metadata `pipeline export` wrote (the pt2 extra file, the ONNX property or the
+    torchvision sidecar), parsed and checked: every field a reader relies on is there with its
+    type, else one UserError naming the file, the field and the fix."""
+    f = Fields(where, "model metadata", REEXPORT)
+    meta = f.load(text)
     if meta.get("format") != MODEL_FORMAT:
         raise UserError(f"{where} is not a model written by `pipeline export` (format "
-                         f"{meta.get('format')!r}, expected {MODEL_FORMAT!r}): export it again")
+                         f"{meta.get('format')!r}, expected {MODEL_FORMAT!r}): {REEXPORT}")
+    names = f.need(meta, "class_names", Check(lambda v: STRINGS.ok(v) and bool(v),
+                                              "a non-empty list of strings"))
+    f.may(meta, "model_format", optional(STRING))
+    mf.check_preprocessing(f, f.need(meta, "preprocessing", OBJECT), "preprocessing.")
+    inputs = f.may(meta, "input", optional(OBJECT))
+    if inputs is not None:
+        f.need(inputs, "kind", one_of("tensor", "image"), "input.")
+    for key in ("backbone", "cache", "head", "versions"):
+        f.may(meta, key, optional(OBJECT))
+    if sidecar:
+        # The weights file lies beside the sidecar: a bare file name, never a path elsewhere.
+        f.need(meta, "weights_file", Check(
+            lambda v: NAME.ok(v) and Path(v).name == v and v not in (".", ".."),
+            "a file name (no folder)"))
+        tv = f.need(meta, "torchvision", OBJECT)
+        f.need(tv, "model", NAME, "torchvision.")
+        f.need(tv, "num_classes", Check(lambda v: POSITIVE.ok(v) and v == len(names),
+                                        f"the number of class_names ({len(names)})"),
+               "torchvision.")
+        f.may(tv, "kwargs", optional(OBJECT), "torchvision.")
     return meta
 
 
@@ -105,7 +131,7 @@ def _load_pt2(path: Path, device: torch.device) -> LoadedModel:
                          "(torch.export.load reads only .pt2 files)")
     extra = {META_NAME: ""}
     program = torch.export.load(path, extra_files=extra)
-    meta = _check_meta(json.loads(extra[META_NAME]), path)
+    meta = check_meta(extra[META_NAME], path)
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
         program = move_to_device_pass(program, device)
@@ -137,10 +163,10 @@ def _load_onnx(path: Path) -> LoadedModel:
     if text is None:
         raise UserError(f"{path} is an ONNX model without pipeline metadata: it was not written "
                          "by `pipeline export`")
-    meta = _check_meta(json.loads(text), path)
+    meta = check_meta(text, path)
     name = session.get_inputs()[0].name
 
-    pixels = meta.get("input", {}).get("kind") == "image"
+    pixels = (meta.get("input") or {}).get("kind") == "image"
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().numpy()
@@ -151,9 +177,15 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 def _load_torchvision(path: Path, meta: dict, device: torch.device) -> LoadedModel:
     tv = meta["torchvision"]
-    with torch.device("meta"):   # no random init only to overwrite it
-        vgg = torchvision.models.get_model(tv["model"], num_classes=int(tv["num_classes"]),
-                                           **tv.get("kwargs", {}))
+    try:
+        with torch.device("meta"):   # no random init only to overwrite it
+            vgg = torchvision.models.get_model(tv["model"], num_classes=int(tv["num_classes"]),
+                                               **(tv.get("kwargs") or {}))
+    except Exception as e:   # an unknown model name, arguments it does not take
+        raise UserError(f"{path.with_suffix('.json')}: damaged model metadata: torchvision "
+                        f"cannot build {tv['model']!r} with {tv.get('kwargs') or {}} "
+                        f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
+                        f"{REEXPORT}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         vgg.load_state_dict(state, assign=True)

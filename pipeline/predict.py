@@ -27,7 +27,7 @@ from ._progress import progress
 from .backbone import to_float_batch
 from .config import PredictConfig
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
-from .models import load_model
+from .models import REEXPORT, load_model
 from .images import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
 
 
@@ -85,6 +85,10 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
             if batch["index"]:
                 x = batch["images"] if pixels else to_float_batch(batch["images"])
                 out = model.run(x).float().numpy()                                    # (B, C)
+                if out.ndim != 2 or out.shape[1] != len(names):
+                    raise UserError(f"{model_path}: damaged model metadata: it names "
+                                    f"{len(names)} classes, the model gives logits of shape "
+                                    f"{tuple(out.shape)}: {REEXPORT}")
                 blocks.append(out)
                 predictions += [_top(images.paths[i], row, names, k)
                                 for i, row in zip(batch["index"], _softmax(out))]

@@ -21,8 +21,6 @@ What could not be drawn is said in the figure itself and in report.md's notes.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,9 +37,10 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache.store import CacheReader
 
-from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, csv_value
+from ._files import check_folder, make_folder, write_file, write_text
+from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig
-from .heads import load_head
+from .heads import load_head, read_head_meta
 from .images import BadImageError, read_image
 from .splits import validation_rows
 
@@ -51,6 +50,7 @@ FIGURES = {"learning_curves": "Learning curves",
            "misclassified": "Most confident mistakes of the best head"}
 _COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green"}
 _GRID = "misclassified grid: "     # notes about the grid start so (the figure repeats them)
+_WRITE_FIX = "free some space or choose another -o"
 _THUMB = 256          # pixels: larger images are shrunk before they go into the grid
 _PRED_ROWS = 4096     # cached rows per batch when the best head predicts the validation rows
 # Log-axis labels 0.1, 0.2, 0.3, 0.5, 1, 2 (not 5x10^-1), the other minor ticks unlabelled.
@@ -88,11 +88,12 @@ def report(runs_dir: str | Path, output: str | Path | None = None,
         raise UserError("--misclassified must be >= 0, --leaderboard-rows >= 1 and --dpi >= 20")
     runs_dir = Path(runs_dir)
     out = Path(output) if output is not None else runs_dir / "report"
+    check_folder(out, "report folder", "choose another -o")
     notes: list[str] = []
     rows, runs = _read_sweep(runs_dir, notes)
     best = rows[0]
     best_run = runs.get(best["run_id"])
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "report folder", "choose another -o")
     mistakes, names = [], (best_run or {}).get("meta", {}).get("class_names", [])
     if best_run is not None and config.misclassified:
         mistakes = _mistakes(runs_dir / best["run_id"], best_run, config, notes)
@@ -106,9 +107,10 @@ def report(runs_dir: str | Path, output: str | Path | None = None,
     for name, fig in figures.items():
         paths[name] = str(out / f"{name}.png")
         FigureCanvasAgg(fig)
-        fig.savefig(paths[name], dpi=config.dpi)
-    md = out / "report.md"
-    md.write_text(_markdown(runs_dir, rows, best_run, paths, notes, config))
+        write_file(paths[name], lambda tmp: fig.savefig(tmp, dpi=config.dpi, format="png"),
+                   _WRITE_FIX)
+    md = write_text(out / "report.md", _markdown(runs_dir, rows, best_run, paths, notes, config),
+                    _WRITE_FIX)
     return ReportSummary(str(md), paths, len(rows), best["run_id"], len(mistakes), notes,
                          time.perf_counter() - t0)
 
@@ -116,25 +118,29 @@ def report(runs_dir: str | Path, output: str | Path | None = None,
 # ------------------------------------------------------------------------------------ records
 
 def _read_sweep(runs_dir: Path, notes: list) -> tuple[list[dict], dict]:
-    """(results.csv rows in leaderboard order with numbers as numbers, run_id -> records)."""
+    """(results.csv rows in leaderboard order with numbers as numbers, run_id -> records).
+
+    A run whose files are gone is left out with a note; files that are there but damaged are
+    an error naming the file (`read_results`, `read_head_meta`, `read_metrics` check them)."""
     csv_path = runs_dir / "results.csv"
     if not csv_path.is_file():
         raise UserError(f"no results.csv in {runs_dir}: pass the folder that `pipeline "
                          "train-head -o RUNS_DIR` wrote")
-    with open(csv_path, newline="") as f:
-        rows = [{k: csv_value(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+    rows = read_results(csv_path)
     if not rows:
         raise UserError(f"{csv_path} lists no runs: run `pipeline train-head` again")
     rows.sort(key=lambda r: r.get("rank") or math.inf)
     runs = {}
     for r in rows:
         run_dir = runs_dir / r["run_id"]
-        try:
-            runs[r["run_id"]] = {"meta": json.loads((run_dir / "head.json").read_text()),
-                                 "metrics": json.loads((run_dir / "metrics.json").read_text())}
-        except (OSError, ValueError):
-            notes.append(f"run {r['run_id']} has no readable head.json/metrics.json in "
-                         f"{run_dir}: left out of the curves")
+        head_json, metrics_json = run_dir / "head.json", run_dir / "metrics.json"
+        if not head_json.is_file() or not metrics_json.is_file():
+            notes.append(f"run {r['run_id']} has no head.json/metrics.json in {run_dir}: left "
+                         "out of the curves")
+            continue
+        meta = read_head_meta(head_json)
+        runs[r["run_id"]] = {"meta": meta,
+                             "metrics": read_metrics(metrics_json, meta["n_classes"])}
     return rows, runs
 
 
@@ -313,8 +319,8 @@ def _mistakes(run_dir: Path, run: dict, config: ReportConfig, notes: list) -> li
         _check_recorded(run, labels, pred, notes)
         wrong = np.flatnonzero(pred != labels)
         order = wrong[np.argsort(-confidence[wrong], kind="stable")]
-        return _load_images(reader, rows, order, labels, pred, confidence, meta["class_names"],
-                            config, notes)
+        names = meta.get("class_names") or [str(i) for i in range(meta["n_classes"])]
+        return _load_images(reader, rows, order, labels, pred, confidence, names, config, notes)
     finally:
         reader.close()
 
@@ -332,17 +338,22 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
         notes.append(f"{_GRID}head.json does not say where the validation rows came from in a "
                      f"form this report reads ({source!r}): re-run train-head to record it")
         return None, np.empty(0, np.int64)
+    if meta.get("cache") is None:
+        notes.append(f"{_GRID}head.json does not record the cache the head was trained on: "
+                     "re-run train-head to record it")
+        return None, np.empty(0, np.int64)
     split = kind == VAL_HASH_SPLIT
-    path = Path(config.cache or (meta["cache"]["path"] if split else source["path"]))
+    path = Path(config.cache or (meta["cache"].get("path") or "" if split else source["path"]))
     try:
-        reader = CacheReader(path, allow_incomplete=bool(meta["config"].get("allow_incomplete")),
-                             layer=meta["cache"]["layer"])
+        reader = CacheReader(path, layer=meta["cache"]["layer"],
+                             allow_incomplete=bool((meta.get("config") or {}).get(
+                                 "allow_incomplete")))
     except ValueError as e:
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
         return None, np.empty(0, np.int64)
     keys = mf.ROW_KEYS
-    diff = mf.differences({**meta["cache"], "class_names": meta["class_names"]},
+    diff = mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
                           reader.manifest, (*keys, "class_names"))
     if diff:
         reader.close()

@@ -27,12 +27,17 @@ measure for torch heads and logreg fits).
 
 Records, under RUNS_DIR: <run-id>/head.pt + head.json (load with `heads.load_head`),
 <run-id>/metrics.json (per-epoch train/val loss and accuracy, final metrics), results.csv
-(one row per experiment, leaderboard order) and summary.json (`TrainSummary.to_json()`).
+(one row per run, leaderboard order) and summary.json (`TrainSummary.to_json()`). A second
+sweep into the same folder is merged: results.csv and summary.json rank the runs of every sweep
+there as one leaderboard (a run trained again replaces its row), and a sweep whose numbers
+would not compare (other validation rows, other classes) is refused before it trains. Every
+file is written under a temporary name and renamed into place: a full disk is one line, and
+the files already there stay whole; a folder that cannot be written is refused before any
+training.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import resource
@@ -47,8 +52,9 @@ from cache.store import CacheReader
 
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)
-from ._records import (Result, TrainSummary, record, run_label, standardized, summarize,
-                       write_csv)
+from ._files import check_folder, make_folder
+from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_label,
+                       standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
 from .config import TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
@@ -72,16 +78,19 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
     t0 = time.perf_counter()
     check_config(config, has_val=val_path is not None)
     sweep = experiments(config)
-    runs_dir = Path(runs_dir)
+    runs_dir = check_folder(runs_dir, "runs folder", "choose another -o")
     readers: list[CacheReader] = []
     try:
         train, val, test = open_splits(train_path, val_path, test_path, config, readers)
-        memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
         names = train.reader.class_names
+        warnings = _class_warnings(train, names)
+        # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
+        earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
+        memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
         ctx = Context(config, train, val, test, names, memory["window_chunks"],
                       _class_weights(train.labels, len(names), config.class_weight),
                       _moments(train, sweep, config))
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(runs_dir, "runs folder", "choose another -o")
         groups = passes(sweep, train.reader.feature_dim, len(names), config)
         log.info("%d experiments in %d passes over %d training rows (%s), validation: %s",
                  len(sweep), len(groups), len(train.rows), memory["train"],
@@ -92,15 +101,28 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                        else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        summary = summarize(rows, runs_dir, ctx, memory, [len(g) for g in groups],
-                            time.perf_counter() - t0)
+        summary = summarize(rows, earlier, runs_dir, ctx, memory, [len(g) for g in groups],
+                            time.perf_counter() - t0, warnings)
     finally:
         for r in readers:
             r.close()
     write_csv(runs_dir / "results.csv", summary.leaderboard)
-    (runs_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    write_summary(runs_dir / "summary.json", summary)
     log.info("best: %s (%s)", summary.best_run, summary.ranked_by)
     return summary
+
+
+def _class_warnings(train: Split, names: list[str]) -> list[str]:
+    """What to say when the training rows hold a single class: every head then predicts it
+    and scores accuracy 1.0, which says nothing about the features."""
+    present = np.unique(train.labels)
+    if len(present) > 1:
+        return []
+    text = (f"the training rows of {train.reader.path} hold only one class "
+            f"({names[int(present[0])]!r}): every head predicts it, so an accuracy of 1.0 says "
+            "nothing; train on images of at least two classes")
+    log.warning(text)
+    return [text]
 
 
 def _moments(train: Split, sweep: list[Experiment], cfg: TrainConfig):

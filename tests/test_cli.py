@@ -91,3 +91,45 @@ def test_other_exceptions_keep_their_traceback(monkeypatch, tmp_path, exc):
     with pytest.raises(type(exc)):
         CliRunner().invoke(main, ["extract", str(tmp_path), "-o", str(tmp_path / "c.h5")],
                            catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+@pytest.mark.parametrize("output, words", [
+    ("", "is empty: give a file name"),
+    ("newdir/", "newdir/ is a folder: give a file name in it, such as newdir/"),
+    ("existing", "existing is a folder: give a file name in it, such as existing/"),
+])
+def test_an_output_file_that_is_empty_or_a_folder_is_a_usage_error(tmp_path, monkeypatch,
+                                                                  command, output, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "model.pt2").write_bytes(b"")
+    args = (["export", "runs/x", "-o", output] if command == "export"
+            else ["predict", "model.pt2", "image.png", "-o", output])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "model.pt2"]
+
+
+@pytest.mark.parametrize("command", ["train-head", "report"])
+def test_an_empty_output_folder_is_a_usage_error(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.h5").write_bytes(b"")
+    result = CliRunner().invoke(main, [command, "c.h5" if command == "train-head" else ".",
+                                       "-o", ""])
+    assert result.exit_code == 2, result.output
+    assert "'-o' / '--output': is empty: give a folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+
+
+def test_the_library_refuses_a_folder_as_the_model_file(tmp_path):
+    from pipeline.config import ExportConfig
+    from pipeline.export import export
+
+    for output in (f"{tmp_path}/newdir/", str(tmp_path), ""):
+        with pytest.raises(UserError, match="is a folder|is empty"):
+            export(tmp_path / "no-head", output, ExportConfig())
+    assert list(tmp_path.iterdir()) == []

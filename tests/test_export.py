@@ -236,9 +236,10 @@ def test_refuses_unknown_and_corrupt_heads(work, tmp_path):
     _refused([tmp_path, "-o", out], "is not a trained head")
     run = _edit_head(work, tmp_path / "run")
     (run / "head.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    _refused([run / "head.pt", "-o", out], "is corrupt", "retrain")
+    _refused([run / "head.pt", "-o", out], f"{run / 'head.pt'}: damaged head weights", "retrain")
     (run / "head.json").write_text("{ truncated")
-    _refused([run, "-o", out], "is corrupt", "retrain")
+    _refused([run, "-o", out], f"{run / 'head.json'}: damaged head metadata: not valid JSON",
+             "retrain")
     assert not out.exists()
 
 

@@ -212,3 +212,19 @@ def test_cli_writes_the_report(sweep, tmp_path):
     assert "report.md: 4 figures of 10 runs" in result.output
     with Image.open(out / "learning_curves.png") as img:
         assert img.size == (660, 450)                          # 11 x 7.5 inches at --dpi 60
+
+
+def test_report_sees_every_sweep_written_into_the_folder(tmp_path):
+    root = make_folder(tmp_path / "images", CLASSES, per_class=6, size=(20, 20))
+    cache = cache_over_images(tmp_path / "c.h5", root)
+    runs = tmp_path / "runs"
+    first = train_head(cache, runs, TrainConfig(head=("linear",), lr=(1e-2,), epochs=2,
+                                                val_fraction=0.3))
+    second = train_head(cache, runs, TrainConfig(head=("linear", "logreg"), lr=(1e-1,), epochs=2,
+                                                 val_fraction=0.3))
+    assert second.runs == 3 and first.best_run in {r["run_id"] for r in second.leaderboard}
+    summary = report(runs, tmp_path / "r", ReportConfig(misclassified=0))
+    assert summary.runs == 3 and summary.best_run == second.best_run and summary.notes == []
+    md = (tmp_path / "r" / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert [line.split("`")[1] for line in table] == [r["run_id"] for r in second.leaderboard]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from cache.errors import UserError
 from cache.store import CacheReader
 from cli.main import main
 from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
@@ -441,7 +444,9 @@ def test_summary_is_a_dataclass_and_summary_json_its_to_json(cache, tmp_path):
     assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == data
     assert set(data) == {"leaderboard", "best_run", "best_path", "ranked_by", "experiments",
                          "passes", "data", "memory", "seconds", "class_names", "runs_dir",
-                         "results_csv"}
+                         "results_csv", "runs", "warnings"}
+    assert data["runs"] == data["experiments"] == 2 and data["warnings"] == []
+    assert data["data"]["train"]["path"] == str(cache.resolve())
     assert data["best_path"] == summary.leaderboard[0]["path"] == str(
         tmp_path / "runs" / summary.best_run)
     assert data["data"]["val"]["rows"] + data["data"]["train"]["rows"] == 160
@@ -521,6 +526,107 @@ def test_non_finite_features_are_an_error(tmp_path, bad):
 def test_bad_settings_are_refused(cache, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         train_head(cache, tmp_path / "runs", TrainConfig(**{**FAST, **change}))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "inf"), ("--lr", "nan"), ("--lr", "1e-3,inf"), ("--lr", "-inf"),
+    ("--weight-decay", "inf"), ("--weight-decay", "nan"), ("--dropout", "nan"),
+    ("--label-smoothing", "nan"), ("--C", "inf"), ("--momentum", "nan"),
+    ("--val-fraction", "nan"),
+])
+def test_non_finite_settings_are_one_line_before_training(cache, tmp_path, option, value):
+    args = ["train-head", str(cache), "-o", str(tmp_path / "runs"), option, value]
+    if option == "--C":
+        args += ["--head", "logreg"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"Error: {option} ") and "finite" in errors[0], errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_settings_are_refused_by_the_library(cache, tmp_path):
+    for change in ({"lr": (math.inf,)}, {"weight_decay": (math.nan,)}, {"momentum": math.inf}):
+        with pytest.raises(UserError, match="finite"):
+            train_head(cache, tmp_path / "runs", TrainConfig(**{**FAST, **change}))
+
+
+@pytest.mark.parametrize("classes", [["cat"], ["cat", "dog"]])
+def test_a_single_class_trains_with_a_warning(tmp_path, caplog, classes):
+    x, _ = blobs(n=40)
+    path = make_cache(tmp_path / "one.h5", x, np.zeros(40, int), classes=classes)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train_head"):
+        summary = train_head(path, tmp_path / "runs", TrainConfig(**FAST))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "only one class ('cat')" in warnings[0] and "accuracy of 1.0 says nothing" in warnings[0]
+    if len(classes) == 1:
+        assert summary.leaderboard[0]["val_acc"] == 1.0              # what it would hide
+    assert summary.warnings == warnings
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text())["warnings"] == warnings
+    assert f"WARNING: {warnings[0]}" in summary.line()
+    result = CliRunner().invoke(main, ["train-head", str(path), "-o", str(tmp_path / "r2"),
+                                       "--epochs", "1"])
+    assert result.exit_code == 0 and "WARNING: the training rows" in result.output
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_second_sweep_into_the_folder_is_merged_and_ranked_as_one(cache, tmp_path):
+    runs = tmp_path / "runs"
+    first = train_head(cache, runs, TrainConfig(lr=(1e-3, 1e-1), **FAST))
+    kept = next(r for r in first.leaderboard if r["lr"] == 1e-3)
+    kept_files = {p.name: p.read_bytes() for p in Path(kept["path"]).iterdir()}
+    second = train_head(cache, runs, TrainConfig(lr=(1e-1, 3e-1), **{**FAST, "epochs": 4}))
+    # The 1e-1 run is another experiment now (4 epochs: another run id); with 3 epochs it
+    # would have replaced the first sweep's row.
+    assert second.experiments == 2 and second.runs == 4 == len(second.leaderboard)
+    rows = _csv_rows(runs / "results.csv")
+    assert [r["run_id"] for r in rows] == [r["run_id"] for r in second.leaderboard]
+    assert {r["run_id"] for r in first.leaderboard} < {r["run_id"] for r in rows}
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
+    keys = [(-float(r["val_acc"]), float(r["val_loss"]), r["run_id"]) for r in rows]
+    assert keys == sorted(keys)                                   # one ranking over both
+    assert json.loads((runs / "summary.json").read_text())["leaderboard"] == second.leaderboard
+    assert second.best_run == rows[0]["run_id"]
+    assert {p.name: p.read_bytes() for p in Path(kept["path"]).iterdir()} == kept_files
+    # The same experiment again replaces its row (and its files), keeping the others.
+    third = train_head(cache, runs, TrainConfig(lr=(1e-3,), **FAST))
+    assert third.runs == 4 and [r["run_id"] for r in third.leaderboard].count(
+        kept["run_id"]) == 1
+    again = next(r for r in third.leaderboard if r["run_id"] == kept["run_id"])
+    assert again["val_acc"] == kept["val_acc"]
+    assert again["train_loss"] == pytest.approx(kept["train_loss"], rel=1e-6)
+
+
+def test_a_sweep_that_would_not_rank_with_the_folder_is_refused_before_training(cache, tmp_path):
+    runs = tmp_path / "runs"
+    train_head(cache, runs, TrainConfig(**FAST))
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    other = make_cache(tmp_path / "other.h5", *blobs(n=40, seed=3))
+    renamed = make_cache(tmp_path / "renamed.h5", *blobs(), classes=["x", "y", "z"])
+    epochs = []
+    for args, kwargs, words in [
+        ((cache,), {"val_fraction": 0.0}, r"ranks its runs by validation accuracy on .*train.h5 "
+                                          r"\(48 rows\), this sweep would rank its runs by the "
+                                          r"training loss on .*train.h5 \(160 rows\), having no "
+                                          "validation data"),
+        ((cache,), {"val_fraction": 0.5}, r"\(48 rows\), this sweep would rank its runs by "
+                                          r"validation accuracy on .*train.h5 \(\d+ rows"),
+        ((cache,), {"val_path": other}, "this sweep would rank its runs by validation accuracy "
+                                        "on .*other.h5"),
+        ((renamed,), {}, "over the classes .*class0.*, this one is over .*'x'"),
+    ]:
+        val_path = kwargs.pop("val_path", None)
+        cfg = TrainConfig(**{**FAST, **kwargs})
+        with pytest.raises(UserError, match=words + ".*write this sweep to another -o folder"):
+            train_head(*args, runs, cfg, val_path=val_path, on_epoch=epochs.append)
+    assert epochs == []
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
 # ---------------------------------------------------------------------------------------- CLI
