@@ -38,7 +38,12 @@ FEATURE_KEYS = (
     "precision",      # compute precision of the forward pass: "float32", "bfloat16", "float16"
     "dtype",          # storage dtype of the features
     "cuts",           # several cuts: [{name, layer, layer_alias, pool, feature_dim}]; else None
+    "views",          # augmented views: {count, spec, seed}; None for the plain view alone
 )
+# Fields that decide the plain-view row of an image, whatever the storage dtype and whatever
+# augmented views a cache also holds: train, val and test caches, and a head and the cache
+# that checks it, must agree on these.
+ROW_KEYS = tuple(k for k in FEATURE_KEYS if k not in ("dtype", "views"))
 
 
 def cuts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,6 +53,18 @@ def cuts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         return [dict(c) for c in manifest["cuts"]]
     cut = {k: manifest.get(k) for k in CUT_KEYS}
     return [{"name": cut["layer_alias"] or cut["layer"], **cut}]
+
+
+def view_count(manifest: dict[str, Any]) -> int:
+    """Views of each image the cache holds: 1 (the plain preprocessing) unless augmented."""
+    return int((manifest.get("views") or {}).get("count", 1))
+
+
+def feature_datasets(manifest: dict[str, Any]) -> list[tuple[str, int]]:
+    """(key, feature dim) of every features dataset a cache holds, in commit order: each cut
+    (by name; its plain view), then views 1..K-1 of a one-cut cache (keys "view 1", ...)."""
+    out = [(c["name"], int(c["feature_dim"])) for c in cuts(manifest)]
+    return out + [(f"view {v}", out[0][1]) for v in range(1, view_count(manifest))]
 
 
 def cut_manifest(manifest: dict[str, Any], cut: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,10 @@ class CacheWriter:
                     _create_features(group, cut["name"], int(cut["feature_dim"]), dtype)
             else:
                 _create_features(h5, "features", int(manifest["feature_dim"]), dtype)
+            if mf.view_count(manifest) > 1:      # augmented views 1..K-1 beside the plain one
+                group = h5.create_group("views")
+                for v in range(1, mf.view_count(manifest)):
+                    _create_features(group, str(v), int(manifest["feature_dim"]), dtype)
             for name, dt in (("labels", "int64"), ("paths", _STR), ("digests", _DIGEST)):
                 h5.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(4096,))
             h5.create_dataset("stats", (0, 2), dtype="int64", maxshape=(None, 2),
@@ -301,7 +305,7 @@ class CacheReader:
             self._features = _feature_datasets(self._h5, self.file_manifest)
             self.cut = self._pick(layer)
             self.manifest = (mf.cut_manifest(self.file_manifest, self.cut)
-                             if self.cut is not None and len(self._features) > 1
+                             if self.cut is not None and len(self.cut_names) > 1
                              else self.file_manifest)
             self.complete = bool(self._h5.attrs["complete"])
             if not self.complete and not allow_incomplete:
@@ -330,7 +334,18 @@ class CacheReader:
     @property
     def cut_names(self) -> list[str]:
         """Names of the cuts this cache holds (one for a one-cut cache)."""
-        return list(self._features)
+        return [c["name"] for c in mf.cuts(self.file_manifest)]
+
+    @property
+    def n_views(self) -> int:
+        """Views of each image: 1, or K for a cache extracted with --views K."""
+        return mf.view_count(self.file_manifest)
+
+    def view(self, v: int) -> h5py.Dataset:
+        """The (N, D) features of view `v` (0: the plain preprocessing, `features`)."""
+        if not 0 <= v < self.n_views:
+            raise IndexError(f"view {v} of a cache of {self.n_views} views")
+        return self.features if v == 0 else self._features[f"view {v}"]
 
     # Paths, digests and errors are read on first use (then kept): as Python strings they
     # cost ~0.5 KiB a row, which training, needing only features and labels, should not pay.
@@ -391,12 +406,15 @@ class CacheReader:
     def read_rows(self, indices: Sequence[int] | np.ndarray, cut: str | None = None
                   ) -> np.ndarray:
         """Features of arbitrary rows, in the order given, as float32 (N', D), of the picked
-        cut or of the cut named `cut` (a one-cut cache has only its own).
+        cut, or of the features dataset `cut` names (a cut, or "view V"; a one-cut cache's
+        only cut answers to any cut name).
 
         Reads contiguous runs as slices: HDF5 fancy indexing row by row is slow.
         """
-        dataset = (self.features if cut is None or len(self._features) == 1
-                   else self._features[cut])
+        if cut is None or (cut not in self._features and len(self.cut_names) == 1):
+            dataset = self.features
+        else:
+            dataset = self._features[cut]
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), dataset.shape[1]), dtype=np.float32)
         order = np.argsort(indices, kind="stable")
@@ -411,17 +429,18 @@ class CacheReader:
             pos += len(run)
         return out
 
-    def iter_chunks(self, order: Sequence[int] | None = None
+    def iter_chunks(self, order: Sequence[int] | None = None, view: int = 0
                     ) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield (start, stop, features[start:stop]) one whole HDF5 chunk at a time.
+        """Yield (start, stop, features[start:stop]) one whole HDF5 chunk at a time, of the
+        plain view or of augmented view `view`.
 
         `order` is a permutation of chunk numbers (for shuffled streaming); default in order.
         """
-        step = self.chunk_rows
+        step, dataset = self.chunk_rows, self.view(view)
         n_chunks = -(-self.n_rows // step)
         for c in (range(n_chunks) if order is None else order):
             start, stop = c * step, min((c + 1) * step, self.n_rows)
-            yield start, stop, self.features[start:stop]
+            yield start, stop, dataset[start:stop]
 
     def close(self) -> None:
         if self._h5.id.valid:
@@ -525,15 +544,17 @@ def _create_features(parent, name: str, dim: int, dtype: str) -> None:
 
 
 def _feature_datasets(h5: h5py.File, manifest: dict) -> dict[str, h5py.Dataset]:
-    """Cut name -> (N, D) features dataset, in the manifest's cut order."""
+    """Key -> (N, D) features dataset, as `manifest.feature_datasets` lists them: each cut by
+    name, then augmented views 1..K-1 as "view 1", ..."""
     names = [c["name"] for c in mf.cuts(manifest)]
-    if "cuts" not in h5:
-        return {names[0]: h5["features"]}
-    missing = [n for n in names if n not in h5["cuts"]]
+    views = [str(v) for v in range(1, mf.view_count(manifest))]
+    missing = ([n for n in names if n not in h5["cuts"]] if "cuts" in h5 else []) + (
+        [f"view {v}" for v in views if v not in h5.get("views", {})])
     if missing:
-        raise UserError(f"{h5.filename} is damaged: its manifest names cuts "
+        raise UserError(f"{h5.filename} is damaged: its manifest names features "
                         f"{', '.join(missing)} that the file does not hold: re-extract it")
-    return {n: h5["cuts"][n] for n in names}
+    out = ({n: h5["cuts"][n] for n in names} if "cuts" in h5 else {names[0]: h5["features"]})
+    return out | {f"view {v}": h5["views"][v] for v in views}
 
 
 def _read_errors(h5: h5py.File) -> list[tuple[str, str, str]]:
@@ -741,7 +762,7 @@ def assemble(dest: str | Path, manifest: dict, sources: Sequence[CacheReader],
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".assembling")
     writer = CacheWriter.create(tmp, manifest)
-    dims = {c["name"]: int(c["feature_dim"]) for c in mf.cuts(manifest)}
+    dims = dict(mf.feature_datasets(manifest))
     block = rows_per_chunk(max(dims.values()), manifest["dtype"]) * 8
 
     def empty(n: int) -> dict[str, np.ndarray]:

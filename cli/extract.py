@@ -31,6 +31,15 @@ _D = defaults(ExtractConfig)
 @click.option("--pool", type=click.Choice(POOLS), default=_D["pool"], show_default=True,
               help="Spatial outputs: flatten every value, or avg (mean over positions/tokens "
                    "to one value per channel).")
+@click.option("--views", type=click.IntRange(min=1), default=_D["views"], show_default=True,
+              help="Views cached per image: view 0 is the plain preprocessing, views 1..K-1 "
+                   "are augmented by --augment (K x the storage; train-head draws one per epoch).")
+@click.option("--augment", default=_D["augment"], metavar="SPEC",
+              help="torchvision transforms.v2 transforms of the augmented views, e.g. "
+                   "\"RandomResizedCrop(scale=(0.5,1)),RandomHorizontalFlip(),ColorJitter(0.2,0.2)\"; "
+                   "default: RandomResizedCrop(),RandomHorizontalFlip().")
+@click.option("--augment-seed", type=int, default=_D["augment_seed"], show_default=True,
+              help="Seeds every view, with the image's content digest and the view number.")
 @click.option("--list-layers", is_flag=True,
               help="Print the cut names of --backbone (named cuts, then every graph node) and exit.")
 @click.option("--image-size", type=click.IntRange(min=32), default=None,

@@ -59,6 +59,24 @@ class _Size(click.ParamType):
         return size
 
 
+class _Views(click.ParamType):
+    """all, or a number of views >= 1."""
+    name = "views"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is not 'all' or a number of views >= 1", param, ctx)
+        return n
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     sizes = tuple(int(h) for h in text.lower().split("x"))
     if min(sizes) < 1:
@@ -140,6 +158,10 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--layer", default=_D["layer"],
               help="The cut to train on, for a cache extracted with several (--layer fc6,fc7): "
                    "its name, alias or graph node; default: the cache's only cut.")
+@click.option("--views", type=_Views(), default="all", show_default=True,
+              help="For a cache extracted with --views K: draw each image's view in each epoch "
+                   "from all K, or from the first N (1: the plain view only). Validation and "
+                   "test use the plain view.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Use the committed rows of caches whose extraction did not finish.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -25,20 +25,26 @@ from .splits import hash_split
 
 log = logging.getLogger("pipeline.train_head")     # one logger for the whole stage
 
-# What must agree between train, val and test caches: everything that decides a feature row
-# except its storage dtype (a float16 train cache with a float32 val cache is fine).
-MATCH_KEYS = tuple(k for k in mf.FEATURE_KEYS if k != "dtype") + ("class_names",)
+# What must agree between train, val and test caches: everything that decides a plain-view
+# feature row (a float16 train cache of 8 views with a float32 one-view val cache is fine).
+MATCH_KEYS = mf.ROW_KEYS + ("class_names",)
 EVAL_ROWS = 1024          # rows per evaluation batch
 
 
 class Split:
-    """The rows of one cache used for one role (train, val or test), in RAM or streamed."""
+    """The rows of one cache used for one role (train, val or test), in RAM or streamed.
 
-    def __init__(self, role: str, reader: CacheReader, rows: np.ndarray):
-        self.role, self.reader = role, reader
+    A training split of a cache with augmented views draws from `views` of them: in epoch e,
+    image i contributes view v(data seed, e, i) (see `view_choice`). Evaluation, statistics
+    and the other roles use the plain view 0.
+    """
+
+    def __init__(self, role: str, reader: CacheReader, rows: np.ndarray, views: int = 1):
+        self.role, self.reader, self.views = role, reader, views
         self.rows = rows                                           # (N,) sorted file rows
         self.labels = reader.labels[rows]                          # (N,)
         self.ram: np.ndarray | None = None                         # (N, D) storage dtype
+        self.ram_views: list[np.ndarray] = []                      # views 1.. (N, D) each
         self.peak_group_bytes = 0
         self._checked: set[int] = set()                            # chunks checked for NaN/inf
         step = reader.chunk_rows
@@ -50,13 +56,19 @@ class Split:
 
     @property
     def nbytes(self) -> int:
-        return len(self.rows) * self.reader.feature_dim * self.reader.features.dtype.itemsize
+        """Bytes of every view this split uses, in RAM."""
+        return (self.views * len(self.rows) * self.reader.feature_dim
+                * self.reader.features.dtype.itemsize)
 
     def load(self) -> None:
-        """Hold this split's features in RAM (storage dtype; upcast per batch)."""
-        self.ram = np.empty((len(self.rows), self.reader.feature_dim), self.reader.features.dtype)
-        for s, e, block in self._read(self.chunks):
-            self.ram[s:e] = block
+        """Hold this split's features (every view it uses) in RAM (storage dtype; upcast per
+        batch)."""
+        arrays = [np.empty((len(self.rows), self.reader.feature_dim), self.reader.features.dtype)
+                  for _ in range(self.views)]
+        for v, array in enumerate(arrays):
+            for s, e, block in self._read(self.chunks, v):
+                array[s:e] = block
+        self.ram, self.ram_views = arrays[0], arrays[1:]
 
     def blocks(self) -> Iterator[np.ndarray]:
         """This split's rows one HDF5 chunk at a time, in file order, storage dtype: from RAM
@@ -65,17 +77,17 @@ class Split:
             return (block for _, _, block in self._read(self.chunks))
         return (self.ram[slice(*self._span[c])] for c in self.chunks.tolist())
 
-    def _read(self, chunks) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(s, e, features of rows[s:e]) for each chunk, in the order given; refuses NaN/inf
-        (checked once per chunk and run, not every epoch)."""
-        for start, _, block in self.reader.iter_chunks(order=chunks):
+    def _read(self, chunks, view: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(s, e, features of rows[s:e]) for each chunk of a view, in the order given; refuses
+        NaN/inf (checked once per chunk, view and run, not every epoch)."""
+        for start, _, block in self.reader.iter_chunks(order=chunks, view=view):
             chunk = start // self.reader.chunk_rows
             s, e = self._span[chunk]
             if e - s != len(block):                    # only some rows of this chunk are ours
                 block = block[self.rows[s:e] - start]
-            if chunk not in self._checked:
+            if (chunk, view) not in self._checked:
                 self._check_finite(block, s)
-                self._checked.add(chunk)
+                self._checked.add((chunk, view))
             yield s, e, block
 
     def _check_finite(self, block: np.ndarray, s: int) -> None:
@@ -89,32 +101,37 @@ class Split:
                              f"(row {row}, {self.reader.paths[row]}): re-extract it, e.g. "
                              "with --precision float32")
 
-    def epoch(self, gen: torch.Generator, window: int, batch: int
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches (x (B, D) float32, y (B,)) of one epoch in the shuffled order."""
+    def epoch(self, gen: torch.Generator, window: int, batch: int, number: int = 1,
+              data_seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches (x (B, D) float32, y (B,)) of epoch `number` in the shuffled order,
+        each image as the view `view_choice` picks for it."""
+        view = view_choice(data_seed, number, len(self.rows), self.views)
         pieces = self._ram_pieces if self.ram is not None else self._stream_pieces
-        return _rebatch(pieces(_epoch_order(self, gen, window), batch), batch)
+        return _rebatch(pieces(_epoch_order(self, gen, window), batch, view), batch)
 
-    def _ram_pieces(self, order, batch):
+    def _ram_pieces(self, order, batch, view):
+        arrays = [self.ram, *self.ram_views]
         for _, base, perm in order:
             for i in range(0, len(perm), batch):
                 pos = base[perm[i:i + batch]]
-                yield self.ram[pos], self.labels[pos]
+                yield _pick(arrays, view[pos], pos), self.labels[pos]
 
-    def _stream_pieces(self, order, batch):
-        # One window buffer for the whole epoch: a new one per group kept two alive at once.
+    def _stream_pieces(self, order, batch, view):
+        # One window buffer per view for the whole epoch: a new one per group kept two alive.
         size = max(len(base) for _, base, _ in order)
-        window = np.empty((size, self.reader.feature_dim), self.reader.features.dtype)
+        windows = [np.empty((size, self.reader.feature_dim), self.reader.features.dtype)
+                   for _ in range(self.views)]
         for chunks, base, perm in order:
-            group = window[:len(base)]
-            self.peak_group_bytes = max(self.peak_group_bytes, group.nbytes)
-            off = 0
-            for s, e, block in self._read(chunks):   # same chunk order as `base`
-                group[off:off + e - s] = block
-                off += e - s
+            groups = [w[:len(base)] for w in windows]
+            self.peak_group_bytes = max(self.peak_group_bytes, sum(g.nbytes for g in groups))
+            for v, group in enumerate(groups):
+                off = 0
+                for s, e, block in self._read(chunks, v):   # same chunk order as `base`
+                    group[off:off + e - s] = block
+                    off += e - s
             for i in range(0, len(perm), batch):
                 p = perm[i:i + batch]
-                yield group[p], self.labels[base[p]]
+                yield _pick(groups, view[base[p]], p), self.labels[base[p]]
 
     def batches(self, batch: int = EVAL_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All rows in file order (for evaluation), streamed one chunk at a time if not in RAM."""
@@ -124,6 +141,26 @@ class Split:
         else:
             pieces = ((block, self.labels[s:e]) for s, e, block in self._read(self.chunks))
         return _rebatch(pieces, batch)
+
+
+def view_choice(data_seed: int, epoch: int, n: int, views: int) -> np.ndarray:
+    """(n,) the view each of a split's n images contributes in `epoch`: drawn from a generator
+    seeded by (data seed, epoch), image i taking the i-th draw. All 0 with one view."""
+    if views == 1:
+        return np.zeros(n, np.int64)
+    return np.random.default_rng([data_seed, epoch, 0x7615]).integers(0, views, n)
+
+
+def _pick(arrays: list[np.ndarray], views: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """(B, D): row pos[j] of arrays[views[j]], for each j."""
+    if len(arrays) == 1:
+        return arrays[0][pos]
+    out = np.empty((len(pos), arrays[0].shape[1]), arrays[0].dtype)
+    for v, array in enumerate(arrays):
+        mask = views == v
+        if mask.any():
+            out[mask] = array[pos[mask]]
+    return out
 
 
 def feature_moments(split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +273,12 @@ def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list
         if not len(split.rows):
             raise UserError(f"{role} cache {path} has no labeled rows")
         val, test = (split, test) if role == "val" else (val, split)
-    train = Split("train", train_reader, np.flatnonzero(keep))
+    views = train_reader.n_views if cfg.views is None else cfg.views
+    if not 1 <= views <= train_reader.n_views:
+        raise UserError(f"--views {cfg.views}: the train cache {train_path} holds "
+                        f"{train_reader.n_views} view(s) of each image: use 1..{train_reader.n_views}"
+                        " or all")
+    train = Split("train", train_reader, np.flatnonzero(keep), views)
     if not len(train.rows):
         raise UserError(f"train cache {train_path} has no labeled rows left to train on")
     return train, val, test
@@ -250,11 +292,13 @@ def plan_memory(train: Split, evals: list[Split], cfg: TrainConfig) -> dict:
         train.load()
         used, window = train.nbytes, cfg.shuffle_chunks or len(train.chunks)
     else:
-        # Stream: a window of chunks for training plus one chunk for streamed evaluation.
-        window = cfg.shuffle_chunks or cfg.max_memory // chunk_bytes - 1
-        if window < 1 or (window + 1) * chunk_bytes > cfg.max_memory:
-            raise UserError(_window_error(cfg, chunk_bytes))
-        used = window * chunk_bytes
+        # Stream: a window of chunks (of every view used) for training plus one chunk for
+        # streamed evaluation.
+        per_chunk = chunk_bytes * train.views
+        window = cfg.shuffle_chunks or (cfg.max_memory - chunk_bytes) // per_chunk
+        if window < 1 or window * per_chunk + chunk_bytes > cfg.max_memory:
+            raise UserError(_window_error(cfg, per_chunk))
+        used = window * per_chunk
         if "logreg" in cfg.head:
             raise UserError(f"logreg heads need the training features in RAM "
                              f"({_size(train.nbytes)}, more than --max-memory "

@@ -14,10 +14,11 @@ from .images import BadImageError, ImageList, file_digest, read_image
 
 
 class ImageBatches(Dataset):
-    """Decodes one image to a (3, S, S) uint8 tensor, or reports why it could not."""
+    """Decodes one image to a (3, S, S) uint8 tensor, or reports why it could not; with an
+    `augment` and `views` K > 1, to (K, 3, S, S): the plain view and K - 1 augmented ones."""
 
-    def __init__(self, images: ImageList, pre: Preprocessing):
-        self.images, self.pre = images, pre
+    def __init__(self, images: ImageList, pre: Preprocessing, augment=None, views: int = 1):
+        self.images, self.pre, self.augment, self.views = images, pre, augment, views
 
     def __len__(self) -> int:
         return len(self.images.paths)
@@ -25,7 +26,10 @@ class ImageBatches(Dataset):
     def __getitem__(self, i: int):
         try:
             img, digest = read_image(self.images.absolute(i))
-            return i, self.pre(img), digest, None, self.images.paths[i]
+            if self.augment is None:
+                return i, self.pre(img), digest, None, self.images.paths[i]
+            views = torch.stack([self.augment(img, digest, v) for v in range(self.views)])
+            return i, views, digest, None, self.images.paths[i]
         except BadImageError as e:
             # The digest of the bytes that failed, when read_image got to read them: hashing
             # a large corrupt file a second time would double the cost of rejecting it.
@@ -38,7 +42,7 @@ def collate(items):
     good = [it for it in items if it[3] is None]
     return {
         "index": [it[0] for it in good],
-        "images": torch.stack([it[1] for it in good]) if good else None,   # (B, 3, S, S) uint8
+        "images": torch.stack([it[1] for it in good]) if good else None,   # (B, [K,] 3, S, S)
         "digests": [it[2] for it in good],
         "errors": [(it[4], it[2], it[3]) for it in items if it[3] is not None],
     }

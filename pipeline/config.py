@@ -36,6 +36,11 @@ class ExtractConfig:
     workers: int = -1                # decoding processes; -1: auto (CPU: cores//2, GPU: up to 8)
     device: str = "auto"             # auto, cpu, cuda, cuda:N
     dtype: str = "float16"           # storage dtype: float16 or float32
+    views: int = 1                   # views cached per image: the plain preprocessing, and
+                                     # views - 1 augmented by `augment`
+    augment: str | None = None       # transforms.v2 SPEC of the augmented views; None: a
+                                     # RandomResizedCrop and a horizontal flip
+    augment_seed: int = 0            # with each image's digest and the view number, seeds a view
     precision: str = "auto"          # forward precision: auto (bfloat16 on GPU, float32 on CPU),
                                      # float32, bfloat16, float16 (autocast)
     overwrite: bool = False          # start again when an existing cache does not match
@@ -84,6 +89,8 @@ class TrainConfig:
                                       # training rows' mean and std (folded into the saved head)
     logreg_standardize: bool = True   # fit on standardized features (folded into the saved layer)
     allow_incomplete: bool = False    # train on the committed rows of unfinished caches
+    views: int | None = None          # augmented views to draw from (the first N of the cache's;
+                                      # None: all it holds); each epoch, one view per image
     layer: str | None = None          # the cut of a several-cut cache to train on (its name,
                                       # alias or graph node); None: the cache's only cut
 

@@ -252,7 +252,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
                          f"{str(path) or 'none'} is not there: pass --cache PATH, or "
                          "--no-parity-check to export without the check")
     reader = CacheReader(path, layer=meta["cache"]["layer"])   # the head's cut of the cache
-    keys = tuple(k for k in mf.FEATURE_KEYS if k != "dtype")   # float32 vs float16 is fine
+    keys = mf.ROW_KEYS                             # float32 vs float16, views or not: fine
     diff = mf.differences(meta["cache"], reader.manifest, keys)
     if diff:
         reader.close()

@@ -51,7 +51,8 @@ except ImportError:          # Windows: no flock; runs there are not locked agai
 from ._version import __version__
 from ._progress import progress
 from .config import DTYPES, PRECISIONS, ExtractConfig
-from .backbone import Preprocessing, build_backbone, to_float_batch
+from .augment import DEFAULT_SPEC, Augment
+from .backbone import Preprocessing, build_backbone, split_layers, to_float_batch
 from ._distributed import Job
 from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
 from .images import ImageList, find_images
@@ -61,8 +62,9 @@ log = logging.getLogger(__name__)
 _AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The settings that decide the features, as recorded in a cache's manifest["config"]: equal
 # ones (and the same torch and torchvision) let a re-run trust the cache without a model.
-_SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype")
-_MISSING = object()
+_SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype", "views", "augment",
+             "augment_seed")
+_DEFAULTS = asdict(ExtractConfig())
 
 
 class Interrupted(KeyboardInterrupt):
@@ -271,7 +273,8 @@ def _settled(old: CacheReader | None, config: ExtractConfig, precision: str) -> 
     m = old.file_manifest
     recorded = m.get("config") or {}
     mine = {k: v for k, v in asdict(config).items() if k != "progress"}
-    same = [k for k in _SETTINGS if recorded.get(k, _MISSING) == mine[k]]
+    # A setting a cache predates was at its default then.
+    same = [k for k in _SETTINGS if recorded.get(k, _DEFAULTS[k]) == mine[k]]
     versions = m.get("versions") or {}
     if (len(same) < len(_SETTINGS) or m.get("precision") != precision
             or versions.get("torch") != torch.__version__
@@ -321,8 +324,9 @@ def _decoding(images: ImageList, manifest: dict, batches: list[list[int]],
         yield None
         return
     cuda = device.type == "cuda"
-    loader = DataLoader(ImageBatches(images, Preprocessing.from_dict(manifest["preprocessing"])),
-                        batch_sampler=batches, collate_fn=collate,
+    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    views = ImageBatches(images, pre, _augment(config, pre), config.views)   # (K, 3, S, S) each
+    loader = DataLoader(views, batch_sampler=batches, collate_fn=collate,
                         num_workers=default_workers(config.workers, cuda), pin_memory=cuda,
                         worker_init_fn=_worker_init)
     loaded = iter(loader)
@@ -449,14 +453,18 @@ def _interrupt_between_batches():
 
 def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
     """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor (a dict of
-    them per cut for several cuts); on CUDA, (pinned host tensors, event) with the copy back
-    still in flight (the committer waits)."""
+    them per cut for several cuts; for a (B, K, 3, S, S) batch of K views, {view: (B, D)}, one
+    forward pass per view, so view 0 is computed as a one-view cache computes it); on CUDA,
+    (pinned host tensors, event) with the copy back still in flight (the committer waits)."""
     cuda = device.type == "cuda"
     x = images.to(device, non_blocking=True)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        y = model(to_float_batch(x))                     # (B, D), or {cut: (B, D_cut)}
+
+    def run(x4: torch.Tensor):
+        if cuda:
+            x4 = x4.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            return model(to_float_batch(x4))             # (B, D), or {cut: (B, D_cut)}
+    y = {v: run(x[:, v]) for v in range(x.shape[1])} if x.dim() == 5 else run(x)
     feats = {k: v.to(store_dtype) for k, v in y.items()} if isinstance(y, dict) else y.to(
         store_dtype)
     if not cuda:
@@ -518,21 +526,15 @@ class _Committer:
 
 
 def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
-    """{cut name: (B, D) array} of a batch's features: a tensor for a one-cut cache, a dict
-    for several cuts, None for a batch without a usable image (no rows)."""
+    """{dataset key: (B, D) array} of a batch's features: a tensor for a one-cut cache, a dict
+    by cut name for several cuts or by view number for views, None for a batch without a
+    usable image (no rows)."""
+    keys = [k for k, _ in mf.feature_datasets(manifest)]       # cut names, then "view 1", ...
     if feats is None:
-        return {c["name"]: np.empty((0, c["feature_dim"]), manifest["dtype"])
-                for c in mf.cuts(manifest)}
+        return {k: np.empty((0, d), manifest["dtype"]) for k, d in mf.feature_datasets(manifest)}
     if isinstance(feats, dict):
-        return {name: t.numpy() for name, t in feats.items()}
-    return {mf.cuts(manifest)[0]["name"]: feats.numpy()}
-
-
-def _digests(images: ImageList) -> list[str]:
-    """SHA-256 of every image file, hashed in threads (hashlib releases the GIL)."""
-    paths = [images.absolute(i) for i in range(len(images.paths))]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return list(pool.map(digest_or_blank, paths))
+        return {(keys[k] if isinstance(k, int) else k): t.numpy() for k, t in feats.items()}
+    return {keys[0]: feats.numpy()}
 
 
 def _precision(name: str, device: torch.device) -> str:
@@ -543,11 +545,26 @@ def _precision(name: str, device: torch.device) -> str:
     return name
 
 
+def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
+    if config.views == 1:
+        return None
+    return Augment.parse(config.augment or DEFAULT_SPEC, pre, config.augment_seed)
+
+
 def _check_config(config: ExtractConfig) -> None:
     if config.dtype not in DTYPES:
         raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
     if config.batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {config.batch_size}")
+    if config.views < 1:
+        raise UserError(f"--views {config.views}: use 1 (the plain view) or more")
+    if config.views > 1 and len(split_layers(config.layer)) > 1:
+        raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
+                        "augmented views of one cut at a time")
+    if config.views == 1 and (config.augment or config.augment_seed):
+        raise UserError("--augment and --augment-seed describe augmented views: add --views K "
+                        "(K > 1)")
+    _augment(config, Preprocessing(37, 32, (0.5,) * 3, (0.5,) * 3))   # a bad SPEC: fail now
 
 
 def _check_output(output: Path) -> None:
@@ -703,6 +720,9 @@ def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageLi
     return {
         **info,
         "format_version": mf.MULTI_CUT_VERSION if info.get("cuts") else mf.FORMAT_VERSION,
+        "views": None if config.views == 1 else {
+            "count": config.views, "spec": config.augment or DEFAULT_SPEC,
+            "seed": config.augment_seed},
         "dtype": config.dtype,
         "precision": precision,
         "class_names": list(images.class_names),

@@ -352,7 +352,7 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
         return None, np.empty(0, np.int64)
-    keys = tuple(k for k in mf.FEATURE_KEYS if k != "dtype")
+    keys = mf.ROW_KEYS
     diff = mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
                           reader.manifest, (*keys, "class_names"))
     if diff:

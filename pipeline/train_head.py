@@ -167,7 +167,8 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loss_sum, correct = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long)
-        for x, y in _scaled(ctx.train.epoch(order_gen, ctx.window, cfg.batch_size), norm):
+        for x, y in _scaled(ctx.train.epoch(order_gen, ctx.window, cfg.batch_size, epoch,
+                                                 cfg.data_seed), norm):
             scale = _lr_scale(cfg, step, steps * cfg.epochs, epoch)
             logits = stack.forward(x, noise=noise_gen)                  # (B, K, C)
             losses = stack.losses(logits, y, smoothing, ctx.class_weight)
