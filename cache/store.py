@@ -474,7 +474,7 @@ def finish(partial: str | Path, final_path: str | Path, manifest_updates: dict |
         h5.attrs.modify("complete", 1)
         h5.flush()
         h5.close()
-        _fsync(partial)
+        fsync_path(partial)
     except BaseException as e:
         _abandon(h5)
         if _io_failure(e):
@@ -482,7 +482,7 @@ def finish(partial: str | Path, final_path: str | Path, manifest_updates: dict |
                                  ) from None
         raise
     os.replace(partial, final_path)
-    _fsync(Path(final_path).resolve().parent)
+    fsync_path(Path(final_path).resolve().parent)
     return Path(final_path)
 
 
@@ -563,7 +563,9 @@ def _read_errors(h5: h5py.File) -> list[tuple[str, str, str]]:
             for e in h5["errors"][:m]]
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or folder by path (flush() is not fsync(): data can still be in the page
+    cache; a full disk or an I/O error may only surface here)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from cache.errors import UserError
+from cache.store import fsync_path
 
 
 def temporary_name(path: Path) -> Path:
@@ -30,7 +31,7 @@ def write_file(path: str | Path, write: Callable[[Path], None], fix: str) -> Pat
     tmp = temporary_name(path)
     try:
         write(tmp)
-        _fsync(tmp)       # a full disk can surface only here, when the data reaches the disk
+        fsync_path(tmp)       # a full disk can surface only here, when the data reaches the disk
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -73,10 +74,3 @@ def make_folder(folder: str | Path, what: str, fix: str) -> Path:
         raise UserError(f"cannot create {what} {folder}: {e.strerror or e}: {fix}") from None
     return folder
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -42,7 +42,7 @@ from torchvision.transforms import functional as TF
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache.store import CacheReader, fsync_path
 
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
@@ -133,7 +133,7 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
                 parity = _parity(load_model(tmp_dir / output.name), head, reader, *probe)
             final = [output.parent / f.name for f in files]
             for f in files:
-                _fsync(f)     # a full disk can surface only when the data reaches the disk
+                fsync_path(f)     # a full disk can surface only when the data reaches the disk
             for f, dest in zip(files, final):
                 os.replace(f, dest)
         except OSError as e:   # ENOSPC, EIO, EACCES, EROFS while writing
@@ -368,13 +368,6 @@ def _check_space(model: nn.Module, folder: Path, output: Path) -> None:
                         f"needed, {free / 2**20:.0f} MiB free in {output.parent}: free some "
                         f"space or choose another -o ({output.name} is as it was)")
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
