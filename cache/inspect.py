@@ -22,6 +22,7 @@ def describe(path: str | Path) -> dict:
             "complete": r.complete,
             "rows": r.n_rows,
             "feature_dim": sum(c["feature_dim"] for c in mf.cuts(r.file_manifest)),
+            "views": mf.view_count(r.file_manifest),
             "cuts": [{k: c[k] for k in ("name", "layer", "pool", "feature_dim")}
                      for c in mf.cuts(r.file_manifest)],
             "dtype": r.file_manifest.get("dtype"),

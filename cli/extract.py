@@ -130,6 +130,10 @@ def inspect_command(cache: Path, as_json: bool) -> None:
     click.echo(f"  preprocessing: resize {pre['resize_size']}, crop {pre['crop_size']}, "
                f"{pre['interpolation']}, mean {pre['mean']}, std {pre['std']}")
     click.echo(f"  precision {m['precision']}  source {m.get('source_root')} ({m.get('source_kind')})")
+    if info["views"] > 1:
+        v = m["views"]
+        click.echo(f"  {info['views']} views of each image: the plain one and {info['views'] - 1} "
+                   f"of {v['spec']} (augment seed {v['seed']})")
     for name, count in info["class_counts"].items():
         click.echo(f"  {count:8d}  {name}")
     if info["unlabeled"]:

@@ -16,7 +16,6 @@ import click
 from .demo import demo_command
 from .export import export_command, predict_command
 from .extract import extract_command, inspect_command
-from .main_helpers import defaults, fail_on_user_error  # noqa: F401  (re-exported)
 from .report import report_command
 from .train_head import train_head_command
 

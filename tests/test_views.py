@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from click.testing import CliRunner
 
 from cache.errors import UserError
 from cache.store import CacheReader, CacheWriter, partial_path
+from cli.main import main
 from pipeline.augment import Augment
 from pipeline.backbone import Preprocessing, build_backbone, to_float_batch
 from pipeline._feature_splits import view_choice
@@ -59,6 +60,9 @@ def test_views_are_the_augmented_images_through_the_backbone(data):
     with CacheReader(root / "v4.h5") as r:
         paths, digests, manifest = r.paths, r.digests, r.manifest
     assert manifest["views"] == {"count": 4, "spec": SPEC, "seed": 3}
+    shown = CliRunner().invoke(main, ["inspect", str(root / "v4.h5")])
+    assert shown.exit_code == 0, shown.output
+    assert f"4 views of each image: the plain one and 3 of {SPEC} (augment seed 3)" in shown.output
     with torch.inference_mode():
         for v in (1, 3):
             x = torch.stack([aug(read_image(images / p)[0], d, v) for p, d in zip(paths, digests)])
