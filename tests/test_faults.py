@@ -406,7 +406,7 @@ def test_under_torchrun_every_rank_is_told_who_writes(tmp_path):
 
     src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=3)
     out = tmp_path / "c.h5"
-    lock = EXTRACT._OutputLock(out)          # as a running `pipeline extract` holds it
+    lock = EXTRACT.OutputLock(out)          # as a running `pipeline extract` holds it
     lock.acquire()
     try:
         run = torchrun("ok", src, out)
