@@ -4,6 +4,7 @@ File layout (any HDF5 tool reads it):
 
     features  (N, D) float16|float32, chunked by rows (~1 MiB a chunk), uncompressed
               (format 2, several cuts of one pass: group cuts/<name>, one (N, D_name) each)
+              (with --views K: group views/<v>, v = 1..K-1, one augmented (N, D) each)
     labels    (N,)   int64, -1 for unlabeled
     paths     (N,)   UTF-8 strings, relative to the source root
     digests   (N,)   SHA-256 hex of each image file
