@@ -151,9 +151,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     if settled is not None:                  # up to date
         if job.lead:
             refresh_stats(output, *stale)
-        return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
-                              _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
-                              settled, hashed, job.world_size, job.rank)
+        return _unchanged(output, planned, t0, device, settled, hashed, job)
     model, info = job.step("building the backbone", lambda: _build(config))
     manifest = _manifest(info, config, precision, images)
     sources = job.step("opening the existing cache", lambda: _open_all(
@@ -167,9 +165,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         _close(sources)
     job.wait("planning")   # every rank's readers closed before a rank opens its shard to write
     if up_to_date:
-        return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
-                              _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
-                              manifest, hashed, job.world_size, job.rank)
+        return _unchanged(output, planned, t0, device, manifest, hashed, job)
     computed, compute_s, before = _compute(model, images, planned, stats, manifest, output,
                                            resume, config, device, precision, job)
     final = job.step("assembling the cache", lambda: finalize(
@@ -181,6 +177,14 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         str(output), len(final.rows), fresh, len(final.rows) - fresh, removed, _bad(final),
         time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
         str(device), manifest, hashed, job.world_size, job.rank)
+
+
+def _unchanged(output: Path, planned: Plan, t0: float, device, manifest: dict, hashed: int,
+               job: Job) -> ExtractSummary:
+    """The summary of a run that found the cache up to date: every row reused."""
+    return ExtractSummary(str(output), len(planned.rows), 0, len(planned.rows), 0,
+                          _bad(planned), time.perf_counter() - t0, 0.0, True, str(device),
+                          manifest, hashed, job.world_size, job.rank)
 
 
 def _fresh_rows(final: Plan, before: dict) -> int:
@@ -212,13 +216,13 @@ def _check_shared(output: Path, job: Job) -> None:
     marker = marker_for(job.gather(token if job.lead else None)[0])
     try:
         job.step("checking the output folder", lambda: None if marker.exists() else _unseen(
-            output, job))
+            output))
     finally:
         if job.lead:
             marker.unlink(missing_ok=True)
 
 
-def _unseen(output: Path, job: Job):
+def _unseen(output: Path):
     raise UserError(f"{socket.gethostname()} does not see rank 0's files in {output.parent}: "
                     "with several nodes, -o must be on a filesystem every node sees (NFS, "
                     "Lustre, ...)")

@@ -129,6 +129,18 @@ def _one_batch_then_full(src: Path, out: Path, monkeypatch) -> int:
     return committed(partial_path(out))
 
 
+def _full_disk_line(monkeypatch, k: int, run) -> str:
+    """Run with every HDF5 write after the k-th failing; return its one-line message."""
+    with monkeypatch.context() as m:
+        _FailingWrites(m, k)
+        with pytest.raises(StorageError) as failure:
+            run()
+    text = str(failure.value)
+    assert "\n" not in text and text.startswith("no space left on device ") and \
+        text.endswith(FULL), (k, text)
+    return text
+
+
 def test_every_failed_write_is_one_line_and_resumes_to_the_uninterrupted_cache(
         tmp_path, monkeypatch, built_once):
     src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=4)
@@ -139,13 +151,7 @@ def test_every_failed_write_is_one_line_and_resumes_to_the_uninterrupted_cache(
     assert len(points) > 30
     for k in points:
         out = tmp_path / f"c{k}.h5"
-        with monkeypatch.context() as m:
-            _FailingWrites(m, k)
-            with pytest.raises(StorageError) as failure:
-                extract(src, out, CFG)
-        text = str(failure.value)
-        assert "\n" not in text and text.startswith("no space left on device ") and \
-            text.endswith(FULL), (k, text)
+        text = _full_disk_line(monkeypatch, k, lambda: extract(src, out, CFG))
         kept = int(re.search(r": (\d+|no) rows are committed", text).group(1).replace("no", "0"))
         assert not out.exists()
         if partial_path(out).exists():
@@ -174,13 +180,7 @@ def test_failed_writes_while_assembling_keep_the_cache_and_the_partial(tmp_path,
     for k in points:
         out = tmp_path / f"c{k}.h5"
         shutil.copy(base, out)
-        with monkeypatch.context() as m:
-            _FailingWrites(m, k)
-            with pytest.raises(StorageError) as failure:
-                extract(src, out, CFG)
-        text = str(failure.value)
-        assert "\n" not in text and text.startswith("no space left on device ") and \
-            text.endswith(FULL), (k, text)
+        text = _full_disk_line(monkeypatch, k, lambda: extract(src, out, CFG))
         assert out.read_bytes() == base.read_bytes()     # the complete cache is never touched
         assert not list(tmp_path.glob("*.assembling"))   # nor is the space of a half copy kept
         if ".assembling" in text:
