@@ -96,7 +96,7 @@ def synthetic_cache(path: Path, rows: int, dim: int = 4096, classes: int = 10,
     cache of the same problem. With 4096 dimensions and separation 0.05, linear heads reach
     roughly 60-95 % depending on their settings: best-accuracy columns mean something.
     """
-    from cache.store import CacheWriter, partial_path
+    from cache import CacheWriter, partial_path
 
     means = np.random.default_rng(0).normal(0, separation, (classes, dim)).astype(np.float32)
     rng = np.random.default_rng(1 + split)

@@ -38,7 +38,7 @@ from PIL import Image, ImageFilter  # noqa: E402
 
 from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
                            median, paired, quiet, scratch, spread, table)
-from cache.store import CacheWriter, partial_path  # noqa: E402
+from cache import CacheWriter, partial_path  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
 from pipeline._loading import default_workers  # noqa: E402
 from pipeline.backbone import Preprocessing, build_backbone, to_float_batch  # noqa: E402

@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.store import CacheReader  # noqa: E402
+from cache import CacheReader  # noqa: E402
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.demo import write_digits  # noqa: E402
 from pipeline.export import export  # noqa: E402

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from bench._common import (EpochTimes, add_threads_option, alternate, apply_threads,  # noqa: E402
                            machine, median, paired, peak_rss_bytes, quiet, scratch, spread,
                            synthetic_cache, table)
-from cache.store import CacheReader  # noqa: E402
+from cache import CacheReader  # noqa: E402
 
 MIB = 2 ** 20
 

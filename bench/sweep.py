@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from bench._common import (EpochTimes, add_threads_option, alternate, apply_threads,  # noqa: E402
                            machine, median, paired, quiet, scratch, spread,
                            synthetic_cache, table)
-from cache.store import CacheReader  # noqa: E402
+from cache import CacheReader  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train_head import train_head  # noqa: E402
 

@@ -46,7 +46,7 @@ from torchvision.transforms import functional as TF  # noqa: E402
 
 from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
                            median, quiet, scratch, spread, table)
-from cache.store import CacheReader  # noqa: E402
+from cache import CacheReader  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
 from pipeline.backbone import default_preprocessing, load_weights  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as mf
-from .store import CacheReader
+from .reader import CacheReader
 
 
 def describe(path: str | Path) -> dict:

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import manifest as mf
-from .errors import UserError
-from .store import (CacheBusy, CacheReader, CacheWriter, StorageError, Unreadable, assemble,
-                    finish, partial_path, repair)
+from .errors import CacheBusy, StorageError, Unreadable, UserError
+from .reader import CacheReader
+from .update import assemble
+from .writer import CacheWriter, finish, partial_path, repair
 
 CHANGED_REASON = "file changed during extraction: re-run extract to include it"
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from cache.errors import UserError
+from cache.errors import UserError, first_line
 
 T = TypeVar("T")
 
@@ -64,8 +64,8 @@ class Job:
             except (RuntimeError, ValueError) as e:   # DistStoreError is a RuntimeError
                 raise UserError(f"rank {self.rank}: not every one of the {self.world_size} "
                                 f"ranks arrived to start the job within {self.timeout_s:g} s "
-                                f"({str(e).splitlines()[0][:200]}): a rank did not start or "
-                                "died; re-run the same command to resume") from None
+                                f"({first_line(e)}): a rank did not start or died; re-run the "
+                                "same command to resume") from None
             self._owns_group = True
         return self
 
@@ -127,9 +127,9 @@ class Job:
                                    wait_all_ranks=True)
         except RuntimeError as e:
             raise UserError(f"rank {self.rank}: not every rank arrived after {what} within "
-                            f"{self.timeout_s:g} s ({str(e).splitlines()[0][:200]}): a rank died "
-                            "or is stuck; committed work is kept, re-run the same command to "
-                            "resume") from None
+                            f"{self.timeout_s:g} s ({first_line(e)}): a rank died or is stuck; "
+                            "committed work is kept, re-run the same command to resume"
+                            ) from None
 
     def counter(self, key: str) -> Callable[[int], int]:
         """add(n) -> the job-wide total so far of a count every rank adds to (the progress

@@ -18,7 +18,7 @@ import torch
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache import CacheReader
 
 from .config import TrainConfig
 from .splits import hash_split

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from cache.errors import UserError
-from cache.store import fsync_path
+from cache import fsync_path
 
 
 def temporary_name(path: Path) -> Path:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from cache.errors import UserError
-from cache.store import cache_kind
+from cache import cache_kind
 
 from .images import ImageList
 

@@ -42,7 +42,7 @@ from torchvision.transforms import functional as TF
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheReader, fsync_path
+from cache import CacheReader, fsync_path
 
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,

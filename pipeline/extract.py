@@ -40,7 +40,7 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_path,
                         shard_paths)
-from cache.store import CacheReader, CacheWriter, partial_path, refresh_stats
+from cache import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
 from ._progress import progress

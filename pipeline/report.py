@@ -35,7 +35,7 @@ from matplotlib.ticker import FuncFormatter
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache import CacheReader
 
 from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results

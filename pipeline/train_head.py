@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from cache.store import CacheReader
+from cache import CacheReader
 
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)

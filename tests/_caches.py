@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.store import CacheWriter, partial_path
+from cache import CacheWriter, partial_path
 
 # What a random-init VGG16 fc7 extraction at 32 px would record (feature_dim, dtype and
 # class_names come from the rows written).

@@ -16,7 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms._presets import ImageClassification
 
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.backbone import build_backbone, list_layers
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig

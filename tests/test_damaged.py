@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from cache.errors import UserError
-from cache.store import CacheWriter, partial_path, read_manifest
+from cache import CacheWriter, partial_path, read_manifest
 from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export

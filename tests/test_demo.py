@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.config import DemoConfig
 from pipeline.demo import SWEEP, DemoSummary, demo, write_digits

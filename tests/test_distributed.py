@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cache import manifest as mf
-from cache.store import CacheReader
+from cache import CacheReader
 from cache.plan import shard_paths
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract

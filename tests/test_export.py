@@ -22,7 +22,7 @@ import torchvision
 from click.testing import CliRunner
 from torchvision.transforms import functional as TF
 
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.backbone import Preprocessing, to_float_batch
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig

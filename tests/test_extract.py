@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
-from cache.store import CacheReader, partial_path
+from cache import CacheReader, partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
 from pipeline._progress import progress

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from cache.errors import UserError
 from cache.plan import CHANGED_REASON
-from cache.store import CacheReader, CacheWriter, StorageError, partial_path
+from cache import CacheReader, CacheWriter, StorageError, partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
 from pipeline.config import TrainConfig
@@ -286,7 +286,7 @@ def test_a_partial_that_cannot_be_reopened_for_writing_is_rebuilt(tmp_path, monk
     assert kept == 4
     # As HDF5 answers a file whose metadata a failed flush left half-written.
     refused = []
-    open_h5 = sys.modules["cache.store"]._open_h5
+    open_h5 = sys.modules["cache._h5"].open_file
 
     def refuse_once(path, mode):
         if mode == "r+" and not refused:
@@ -294,7 +294,7 @@ def test_a_partial_that_cannot_be_reopened_for_writing_is_rebuilt(tmp_path, monk
             raise RuntimeError("Unable to synchronously change a dataset's dimensions "
                                "(addr overflow, addr = 7256, size = 2616, eoa = 7256)")
         return open_h5(path, mode)
-    monkeypatch.setattr(sys.modules["cache.store"], "_open_h5", refuse_once)
+    monkeypatch.setattr(sys.modules["cache._h5"], "open_file", refuse_once)
     summary = extract(src, out, CFG)
     assert refused == [partial_path(out)]
     assert summary.computed == 10 - kept and summary.reused == kept

@@ -17,7 +17,7 @@ import pytest
 
 from cache.errors import UserError
 from cache.plan import CHANGED_REASON, finalize, open_compatible, open_existing, plan
-from cache.store import CacheBusy, CacheReader, CacheWriter, partial_path, repair
+from cache import CacheBusy, CacheReader, CacheWriter, partial_path, repair
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "0" * 64,
@@ -216,7 +216,8 @@ def test_finalize_replaces_a_cache_with_other_settings(tmp_path):
 
 
 def test_cache_imports_neither_torch_nor_click():
-    code = ("import sys, cache, cache.plan, cache.store, cache.inspect, cache.manifest; "
+    code = ("import sys, cache, cache.plan, cache.reader, cache.writer, cache.update, "
+            "cache.inspect, cache.manifest; "
             "print(sorted(m for m in ('torch', 'click', 'pipeline') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
@@ -285,7 +286,7 @@ def test_a_partial_cut_short_by_a_failed_flush_is_rebuilt_from_its_committed_row
     writer.commit(np.array([[1.0, 1.5, -1.0], [2.0, 2.5, -2.0]], np.float32), [0, 1],
                   ["a/0.png", "b/0.png"], [digest("a/0.png"), digest("b/0.png")])
     size = part.stat().st_size
-    h5 = writer._h5            # a second batch written and flushed, its marker never set
+    h5 = writer._file            # a second batch written and flushed, its marker never set
     for name, values in (("features", np.full((4000, 3), 7, np.float32)),
                          ("labels", np.zeros(4000, np.int64)),
                          ("paths", np.array(["x.png"] * 4000, dtype=object)),

@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export

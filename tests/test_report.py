@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.config import ReportConfig, TrainConfig
 from pipeline.heads import load_head

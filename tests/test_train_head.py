@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache import CacheReader
 from cli.main import main
 from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
 from pipeline.config import TrainConfig

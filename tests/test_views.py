@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from cache.errors import UserError
-from cache.store import CacheReader, CacheWriter, partial_path
+from cache import CacheReader, CacheWriter, partial_path
 from cli.main import main
 from pipeline.augment import Augment
 from pipeline.backbone import Preprocessing, build_backbone, to_float_batch
