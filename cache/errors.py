@@ -10,7 +10,7 @@ lives in the bottom layer (`cache/`) so that every layer above can raise it;
 from __future__ import annotations
 
 
-class UserError(ValueError):
+class UserError(Exception):
     """A mistake the user can fix; str() is the one-line message, naming the problem and the fix."""
 
 

@@ -123,7 +123,8 @@ def open_compatible(path: str | Path, manifest: dict, overwrite: bool,
     file another process holds open is refused even so (CacheBusy): it is not ours to replace.
     (That `-o` itself is a feature cache, extract checks before any work.) An unfinished file
     (`repairable`) that HDF5 cannot read, as a failed write can leave it, is first rebuilt
-    from its committed rows (`repair`), keeping them.
+    from its committed rows (`repair`), keeping them. Only a UserError lets `overwrite` ignore
+    a file: any other exception while opening it is a bug, raised as it is.
     """
     path = Path(path)
     if not path.exists():
@@ -132,7 +133,7 @@ def open_compatible(path: str | Path, manifest: dict, overwrite: bool,
         reader = CacheReader(path, allow_incomplete=True)
     except CacheBusy:
         raise
-    except ValueError as e:
+    except UserError as e:     # not a bug: a bug is never a reason to replace the file
         reader = _repaired(path, e) if repairable and isinstance(e, Unreadable) else None
         if reader is None:
             if overwrite:
@@ -154,7 +155,7 @@ def _repaired(path: Path, failure: Exception) -> CacheReader | None:
     try:
         kept = repair(path)
         reader = CacheReader(path, allow_incomplete=True)
-    except ValueError:
+    except UserError:
         return None
     log.warning("%s could not be read (%s): rebuilt from its %d committed rows", path,
                 failure, kept)

@@ -348,7 +348,7 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
         reader = CacheReader(path, layer=meta["cache"]["layer"],
                              allow_incomplete=bool((meta.get("config") or {}).get(
                                  "allow_incomplete")))
-    except ValueError as e:
+    except UserError as e:
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
         return None, np.empty(0, np.int64)

@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
-from cache import CacheReader, partial_path
+import cache.plan
+from cache import CacheReader, UserError, partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
 from pipeline._progress import progress
@@ -218,7 +219,7 @@ def test_damaged_partial_is_refused_and_the_cache_closed(folder, tmp_path):
     extract(folder, out, CFG)
     before = out.read_bytes()
     partial_path(out).write_bytes(b"\x89HDF\r\n\x1a\n damaged by a full disk")
-    with pytest.raises(ValueError, match="c.h5.partial exists") as failure:
+    with pytest.raises(UserError, match="c.h5.partial exists") as failure:
         extract(folder, out, CFG)
     # `failure` keeps the failed call's frames alive, as a debugger or a logged traceback
     # would: a reader left open in them would still hold the file.
@@ -279,12 +280,37 @@ def test_other_settings_are_refused_then_overwritten(folder, tmp_path, change, w
     extract(folder, out, CFG)
     before = out.read_bytes()
     other = ExtractConfig(**{**CFG.__dict__, **change})
-    with pytest.raises(ValueError, match="made with other settings") as e:
+    with pytest.raises(UserError, match="made with other settings") as e:
         extract(folder, out, other)
     assert words in str(e.value) and "--overwrite" in str(e.value)
     assert out.read_bytes() == before   # nothing lost
     extract(folder, out, ExtractConfig(**{**other.__dict__, "overwrite": True}))
     assert read(out)[4]["layer"] == {"fc6": "classifier.1"}.get(change.get("layer"), "classifier.4")
+
+
+def test_a_bug_while_opening_the_cache_keeps_its_traceback_even_with_overwrite(
+        folder, tmp_path, monkeypatch):
+    """--overwrite replaces a cache refused for a user mistake (other settings), never one that
+    a bug failed to open: the bug is raised as it is and the cache stays byte for byte."""
+    out = tmp_path / "c.h5"
+    extract(folder, out, CFG)
+    before, listing = out.read_bytes(), sorted(tmp_path.iterdir())
+
+    def buggy(path, *args, **kwargs):
+        if Path(path) == out:
+            raise ValueError("a bug in reading the cache")
+        return CacheReader(path, *args, **kwargs)
+    monkeypatch.setattr(cache.plan, "CacheReader", buggy)
+    args = ["extract", str(folder), "-o", str(out), "--weights", "none", "--image-size",
+            str(SIZE), "--dtype", "float16", "--workers", "0", "-q", "--overwrite"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Error:" not in result.output
+    assert isinstance(result.exception, ValueError) and result.exc_info[2] is not None
+    assert str(result.exception) == "a bug in reading the cache"
+    assert out.read_bytes() == before and sorted(tmp_path.iterdir()) == listing
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, args).exit_code == 0                  # replaced
+    assert read(out)[4]["dtype"] == "float16"
 
 
 def _bad_images(root: Path) -> dict[str, str]:
@@ -393,7 +419,7 @@ def test_weights_name_uses_torchvision_download(folder, tmp_path, monkeypatch):
     def offline(url, *args, **kwargs):
         raise OSError("network unreachable")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(ValueError, match="could not get vgg16 weights IMAGENET1K_V1"):
+    with pytest.raises(UserError, match="could not get vgg16 weights IMAGENET1K_V1"):
         extract(folder, tmp_path / "d.h5", ExtractConfig(**{**CFG.__dict__, "weights": "DEFAULT"}))
 
 
@@ -436,9 +462,9 @@ def test_cli_extract_and_inspect(folder, tmp_path, caplog):
 def test_incomplete_cache_is_refused_by_readers(folder, tmp_path):
     out = tmp_path / "c.h5"
     _kill_after(_extract_cmd(folder, out), 1)
-    with pytest.raises(ValueError, match="unfinished one is at"):
+    with pytest.raises(UserError, match="unfinished one is at"):
         CacheReader(out)
-    with pytest.raises(ValueError, match="incomplete cache"):
+    with pytest.raises(UserError, match="incomplete cache"):
         CacheReader(partial_path(out))
     result = CliRunner().invoke(main, ["inspect", str(partial_path(out))])
     assert result.exit_code == 0 and "INCOMPLETE" in result.output

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.errors import UserError
 from pipeline.config import ACTIVATIONS, OPTIMIZERS
 from pipeline.heads import (HeadStack, StackedOptimizer, build_head, fold_standardization,
                             load_head, save_head)
@@ -144,11 +145,11 @@ def test_every_configured_activation_trains_and_saves(activation, tmp_path):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(UserError, match="dropout"):
         HeadStack(D, C, seeds=[0], dropouts=[1.0])
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.raises(UserError, match="activation"):
         HeadStack(D, C, seeds=[0], hidden=(3,), activation="swish")
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(UserError, match="optimizer"):
         StackedOptimizer([], "lbfgs", [], [])
-    with pytest.raises(ValueError, match="not a trained head"):
+    with pytest.raises(UserError, match="not a trained head"):
         load_head(tmp_path)

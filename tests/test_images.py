@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cache.errors import UserError
 from pipeline.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -172,21 +173,21 @@ def test_fifo_is_skipped_and_never_blocks(tmp_path: Path):
 
 
 def test_missing_source_is_an_error(tmp_path: Path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         find_images(tmp_path / "nope")
 
 
 def test_folder_without_images_is_an_error(tmp_path: Path):
     (tmp_path / "notes.txt").write_text("hello")
     _save(tmp_path / ".hidden.png")
-    with pytest.raises(ValueError, match=r"no images found .*\.jpg") as err:
+    with pytest.raises(UserError, match=r"no images found .*\.jpg") as err:
         find_images(tmp_path)
     assert "\n" not in str(err.value)
 
 
 def test_file_of_another_kind_is_an_error(tmp_path: Path):
     (tmp_path / "list.txt").write_text("a.png\n")
-    with pytest.raises(ValueError, match=r"\.csv/\.tsv"):
+    with pytest.raises(UserError, match=r"\.csv/\.tsv"):
         find_images(tmp_path / "list.txt")
 
 
@@ -288,7 +289,7 @@ def test_csv_with_byte_order_mark_keeps_header_skipped(tmp_path: Path):
 def test_duplicate_paths_name_path_and_lines(tmp_path: Path):
     list_file = tmp_path / "dup.csv"
     list_file.write_text("path,label\na.png,cat\nb.png,dog\n./a.png,dog\n")
-    with pytest.raises(ValueError, match=r"a\.png is listed more than once \(lines 2, 4\)"):
+    with pytest.raises(UserError, match=r"a\.png is listed more than once \(lines 2, 4\)"):
         find_images(list_file)
 
 
@@ -296,14 +297,14 @@ def test_duplicate_paths_name_path_and_lines(tmp_path: Path):
 def test_empty_list_file_is_an_error(tmp_path: Path, text: str):
     list_file = tmp_path / "empty.csv"
     list_file.write_text(text)
-    with pytest.raises(ValueError, match="has no rows"):
+    with pytest.raises(UserError, match="has no rows"):
         find_images(list_file)
 
 
 def test_extra_columns_are_an_error(tmp_path: Path):
     list_file = tmp_path / "wide.csv"
     list_file.write_text("a.png,cat,train\n")
-    with pytest.raises(ValueError, match=r"line 1: 3 columns, expected path\[,label\]"):
+    with pytest.raises(UserError, match=r"line 1: 3 columns, expected path\[,label\]"):
         find_images(list_file)
 
 

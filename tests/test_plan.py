@@ -15,9 +15,10 @@ import h5py
 import numpy as np
 import pytest
 
+import cache.plan
+from cache import CacheBusy, CacheReader, CacheWriter, partial_path, repair
 from cache.errors import UserError
 from cache.plan import CHANGED_REASON, finalize, open_compatible, open_existing, plan
-from cache import CacheBusy, CacheReader, CacheWriter, partial_path, repair
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = {"backbone": "vgg16", "weights": "none", "weights_sha256": "0" * 64,
@@ -146,6 +147,31 @@ def test_open_compatible_refuses_a_file_that_is_not_a_cache(tmp_path):
     with pytest.raises(UserError, match="not a usable feature cache.*--overwrite"):
         open_compatible(path, MANIFEST, False)
     assert open_compatible(path, MANIFEST, True) is None
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), RuntimeError("a bug"), KeyError("a bug")])
+def test_a_bug_while_opening_the_cache_never_gets_it_replaced(tmp_path, monkeypatch, bug):
+    """Only a user mistake (UserError) lets --overwrite ignore a cache; any other exception
+    while opening it is a bug, raised as it is, and the cache stays byte for byte."""
+    out = write(tmp_path / "c.h5", [("a/0.png", 0, 0, 1.0)],
+                manifest={**MANIFEST, "layer": "classifier.1"})      # other settings
+    part = write(partial_path(out), [("a/0.png", 0, 0, 9.0)], complete=False)
+    before, partial_before = out.read_bytes(), part.read_bytes()
+
+    def buggy(path, *args, **kwargs):
+        if Path(path) == out:
+            raise bug
+        return CacheReader(path, *args, **kwargs)
+    monkeypatch.setattr(cache.plan, "CacheReader", buggy)
+    with pytest.raises(type(bug), match="a bug"):
+        open_existing(out, MANIFEST, overwrite=True)
+    with pytest.raises(type(bug), match="a bug"):
+        finalize(out, MANIFEST, *listing([("a/0.png", 0, 0)]))
+    assert out.read_bytes() == before and part.read_bytes() == partial_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.h5.partial"]
+    monkeypatch.undo()
+    finalize(out, MANIFEST, *listing([("a/0.png", 0, 0)]))      # a user mistake: replaced
+    assert contents(out)[0].tolist() == [[9.0, 9.5, -9.0]]
 
 
 def test_open_existing_closes_the_cache_when_the_partial_is_refused(tmp_path):

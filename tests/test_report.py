@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import CacheReader
+from cache import CacheReader, UserError
 from cli.main import main
 from pipeline.config import ReportConfig, TrainConfig
 from pipeline.heads import load_head
@@ -194,7 +194,7 @@ def test_a_sweep_without_validation_still_reports(tmp_path):
 
 
 def test_a_folder_without_a_sweep_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no results.csv"):
+    with pytest.raises(UserError, match="no results.csv"):
         report(tmp_path)
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1

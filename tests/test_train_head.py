@@ -175,9 +175,9 @@ def test_streaming_equals_in_ram_training(tmp_path):
 
 def test_streaming_window_must_fit_in_memory(tmp_path):
     path = make_cache(tmp_path / "f.h5", *blobs(n=300, d=4096))
-    with pytest.raises(ValueError, match="--max-memory .* does not hold"):
+    with pytest.raises(UserError, match="--max-memory .* does not hold"):
         train_head(path, tmp_path / "runs", TrainConfig(**FAST, max_memory=2**20))
-    with pytest.raises(ValueError, match="logreg heads need the training features in RAM"):
+    with pytest.raises(UserError, match="logreg heads need the training features in RAM"):
         train_head(path, tmp_path / "runs",
                    TrainConfig(**FAST, head=("logreg",), max_memory=3 * 2**20))
 
@@ -479,7 +479,7 @@ def test_no_top5_below_five_classes(cache, tmp_path):
 def test_mismatching_val_or_test_cache_is_refused(cache, tmp_path, change, message):
     other = make_cache(tmp_path / "other.h5", *blobs(n=40), **change)
     for role in ("val_path", "test_path"):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             train_head(cache, tmp_path / "runs", TrainConfig(**FAST), **{role: other})
 
 
@@ -491,7 +491,7 @@ def test_float16_val_with_float32_train_is_fine(cache, tmp_path):
 
 def test_incomplete_cache_needs_allow_incomplete(tmp_path):
     path = make_cache(tmp_path / "part.h5", *blobs(), complete=False)
-    with pytest.raises(ValueError, match="incomplete.*--allow-incomplete"):
+    with pytest.raises(UserError, match="incomplete.*--allow-incomplete"):
         train_head(path, tmp_path / "runs", TrainConfig(**FAST))
     summary = train_head(path, tmp_path / "runs", TrainConfig(**FAST, allow_incomplete=True))
     assert summary.data["train"]["rows"] + summary.data["val"]["rows"] == 160
@@ -512,7 +512,7 @@ def test_non_finite_features_are_an_error(tmp_path, bad):
     x, y = blobs()
     x[17, 3] = bad
     path = make_cache(tmp_path / "nan.h5", x, y)
-    with pytest.raises(ValueError, match=r"NaN or inf features \(row 17"):
+    with pytest.raises(UserError, match=r"NaN or inf features \(row 17"):
         train_head(path, tmp_path / "runs", TrainConfig(**FAST))
 
 
@@ -524,7 +524,7 @@ def test_non_finite_features_are_an_error(tmp_path, bad):
     ({"patience": 2, "val_fraction": 0.0}, "--patience .* needs validation data"),
 ])
 def test_bad_settings_are_refused(cache, tmp_path, change, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         train_head(cache, tmp_path / "runs", TrainConfig(**{**FAST, **change}))
 
 
