@@ -16,9 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cache import CacheReader
 from cache import manifest as mf
 from cache.errors import UserError
-from cache import CacheReader
 
 from .config import TrainConfig
 from .splits import hash_split

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from cache.errors import UserError
 from cache import fsync_path
+from cache.errors import UserError
 
 
 def temporary_name(path: Path) -> Path:

@@ -15,8 +15,8 @@ import socket
 import time
 from pathlib import Path
 
-from cache.errors import UserError
 from cache import cache_kind
+from cache.errors import UserError
 
 from .images import ImageList
 

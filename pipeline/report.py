@@ -33,9 +33,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
+from cache import CacheReader
 from cache import manifest as mf
 from cache.errors import UserError
-from cache import CacheReader
 
 from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results

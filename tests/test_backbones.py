@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms._presets import ImageClassification
 
-from cache.errors import UserError
 from cache import CacheReader
+from cache.errors import UserError
 from cli.main import main
 from pipeline.backbone import build_backbone, list_layers
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig

@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache import CacheReader, partial_path
 from cache import manifest as mf
 from cache.errors import UserError
-from cache import CacheReader, partial_path
 from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export

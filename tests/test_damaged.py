@@ -25,8 +25,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from cache.errors import UserError
 from cache import CacheWriter, partial_path, read_manifest
+from cache.errors import UserError
 from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache import manifest as mf
 from cache import CacheReader
+from cache import manifest as mf
 from cache.plan import shard_paths
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract

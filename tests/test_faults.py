@@ -25,9 +25,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache import CacheReader, CacheWriter, StorageError, partial_path
 from cache.errors import UserError
 from cache.plan import CHANGED_REASON
-from cache import CacheReader, CacheWriter, StorageError, partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
 from pipeline.config import TrainConfig

@@ -23,8 +23,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from cache.errors import UserError
 from cache import CacheReader
+from cache.errors import UserError
 from cli.main import main
 from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
 from pipeline.config import TrainConfig

@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.errors import UserError
 from cache import CacheReader, CacheWriter, partial_path
+from cache.errors import UserError
 from cli.main import main
 from pipeline.augment import Augment
 from pipeline.backbone import Preprocessing, build_backbone, to_float_batch
