@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from cache.errors import UserError
 
-from .backbone import Preprocessing
+from .preprocessing import Preprocessing
 from .images import BadImageError, ImageList, file_digest, read_image
 
 

@@ -29,7 +29,8 @@ from torch import nn
 
 from cache.errors import UserError
 
-from .backbone import Preprocessing, build_backbone, to_float_batch
+from .backbone import build_backbone
+from .preprocessing import Preprocessing, to_float_batch
 from .config import (DemoConfig, ExportConfig, ExtractConfig, PredictConfig, ReportConfig,
                      TrainConfig)
 from .export import ExportSummary, export

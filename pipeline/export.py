@@ -45,10 +45,11 @@ from cache.errors import UserError
 from cache.store import CacheReader, fsync_path
 
 from ._version import __version__
-from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
-                       builder_kwargs, final_layer, is_timm, to_float_batch)
+from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
+                       is_timm)
+from .preprocessing import ImageInput, Preprocessing, to_float_batch
 from .config import FORMATS, INPUTS, ExportConfig
-from .heads import load_head
+from .head_file import load_head
 from .images import BadImageError, read_image
 from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 
@@ -210,7 +211,7 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
 
 
 def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
-    """`heads.load_head` (which checks head.json and head.pt), plus what export needs of it."""
+    """`head_file.load_head` (which checks head.json and head.pt), plus what export needs of it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no head at {path}: pass a run folder written by `pipeline train-head` "

@@ -22,7 +22,7 @@ from pipeline.backbone import build_backbone, list_layers
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.models import load_model
 from pipeline.predict import predict
 from pipeline.train_head import train_head

@@ -26,7 +26,7 @@ from PIL import Image, ImageFile
 import pipeline.images as images_module
 from cache.errors import UserError
 from pipeline._loading import ImageBatches, digest_or_blank
-from pipeline.backbone import Preprocessing
+from pipeline.preprocessing import Preprocessing
 from pipeline.images import (
     BadImageError,
     NotRegularFileError,
