@@ -28,7 +28,7 @@ from ._loading import ImageBatches, collate, default_workers
 from ._progress import progress
 from .augment import Augment
 from .preprocessing import Preprocessing, to_float_batch
-from .images import ImageList
+from .sources import ImageList
 
 log = logging.getLogger("pipeline.extract")
 

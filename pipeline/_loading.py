@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 from cache.errors import UserError
 
 from .preprocessing import Preprocessing
-from .images import BadImageError, ImageList, file_digest, read_image
+from .images import BadImageError, file_digest, read_image
+from .sources import ImageList
 
 
 class ImageBatches(Dataset):

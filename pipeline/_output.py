@@ -18,7 +18,7 @@ from pathlib import Path
 from cache.errors import UserError
 from cache.store import cache_kind
 
-from .images import ImageList
+from .sources import ImageList
 
 try:
     import fcntl

@@ -35,7 +35,8 @@ from .config import (DemoConfig, ExportConfig, ExtractConfig, PredictConfig, Rep
                      TrainConfig)
 from .export import ExportSummary, export
 from .extract import ExtractSummary, extract
-from .images import find_images, read_image
+from .images import read_image
+from .sources import find_images
 from .predict import PredictResult, predict
 from .report import ReportSummary, report
 from .train_head import TrainSummary, train_head

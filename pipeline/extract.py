@@ -47,7 +47,7 @@ from ._distributed import Job
 from . import _engine as engine
 from ._loading import digest_or_blank, resolve_device
 from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
-from .images import ImageList, find_images
+from .sources import ImageList, find_images
 
 log = logging.getLogger(__name__)
 

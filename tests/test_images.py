@@ -17,15 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    ImageList,
-    decode_image,
-    file_digest,
-    find_images,
-    read_image,
-)
+from pipeline.images import BadImageError, decode_image, file_digest, read_image
+from pipeline.sources import IMAGE_EXTENSIONS, ImageList, find_images
 
 FORMATS = {".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tiff": "TIFF", ".tif": "TIFF",
            ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".ppm": "PPM"}
@@ -78,7 +71,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def test_imagefolder_classes_labels_and_sorted_paths(image_folder: Path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(image_folder)
     assert images.kind == "imagefolder"
     assert images.root == image_folder.resolve()
@@ -96,7 +89,7 @@ def test_empty_class_folder_is_kept_so_later_indices_do_not_shift(tmp_path: Path
     (tmp_path / "b").mkdir()
     _save(tmp_path / "c" / "2.png")
     _save(tmp_path / "c" / "3.png")
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(tmp_path)
     assert images.class_names == ("a", "b", "c")
     assert images.paths == ("a/1.png", "c/2.png", "c/3.png")
@@ -109,7 +102,7 @@ def test_symlinked_class_folder_is_kept_and_named_in_the_warning(tmp_path: Path,
     _save(tmp_path / "elsewhere" / "x.png")
     _save(tmp_path / "data" / "a" / "1.png")
     os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b")
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(tmp_path / "data")
     assert images.class_names == ("a", "b") and images.paths == ("a/1.png",)
     assert "their index: b (a symlink, not followed)" in caplog.text
@@ -231,7 +224,7 @@ def test_csv_header_with_other_names_is_skipped_when_the_rows_after_it_exist(tmp
     _save(tmp_path / "b.png")
     list_file = tmp_path / "list.csv"
     list_file.write_text("fname,species\na.png,cat\nb.png,dog\n")
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(list_file)
     assert images.paths == ("a.png", "b.png") and images.class_names == ("cat", "dog")
     assert "first row 'fname,species' taken as a header" in caplog.text
