@@ -23,8 +23,6 @@ its logits must equal the head's on the cached features within the rounding of t
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -32,7 +30,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
@@ -44,12 +41,13 @@ from cache.errors import UserError
 from cache.store import CacheReader, fsync_path
 
 from . import _parity as parity
+from ._writers import write
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
                        is_timm)
 from .config import FORMATS, INPUTS, ExportConfig
 from .head_file import load_head
-from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
+from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 from .preprocessing import ImageInput, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -114,7 +112,7 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir()
             _check_space(model, tmp_dir, output)
-            files = _WRITERS[config.format](model, model_meta, tmp_dir / output.name)
+            files = write(config.format, model, model_meta, tmp_dir / output.name)
             checked = None
             if probe is not None:
                 checked = parity.check(load_model(tmp_dir / output.name), head, reader, *probe)
@@ -223,7 +221,7 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
                         f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
     backbone = meta["cache"]["backbone"]
     # A VGG's penultimate cut is known without building it; other backbones are checked when
-    # the state_dict is loaded into the torchvision model (`_write_torchvision`).
+    # the state_dict is loaded into the torchvision model (`_writers._write_torchvision`).
     if backbone.startswith("vgg") and meta["cache"]["layer"] != LAYER_ALIASES["fc7"]:
         raise UserError(f"--format torchvision is {backbone} with its last layer replaced: it "
                         f"needs the head on fc7 (the penultimate cut), this is a {meta['kind']} "
@@ -325,18 +323,6 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
     return out
 
 
-def _example(model: _Stitched, meta: dict) -> tuple[torch.Tensor, dict]:
-    """An example input batch and its dynamic dimensions. A batch of 2 (torch.export specialises
-    a batch of 1 to a constant); an image input of unequal sides, so neither is specialised."""
-    s, g = meta["preprocessing"]["crop_size"], torch.Generator().manual_seed(0)
-    batch = torch.export.Dim("batch", min=1)
-    if model.image_input is None:
-        return torch.rand(2, 3, s, s, generator=g), {0: batch}
-    x = torch.randint(0, 256, (2, 3, s + 7, s + 3), generator=g, dtype=torch.uint8)
-    return x, {0: batch, 2: torch.export.Dim("height", min=2, max=2**15),
-               3: torch.export.Dim("width", min=2, max=2**15)}
-
-
 # torch.export.save aborts the whole process (a C++ abort, exit 134) when the disk fills up
 # under it, which no Python handler can turn into a message: so the free space is checked
 # before any format is written, in the temporary folder beside the output where the file is
@@ -354,73 +340,6 @@ def _check_space(model: nn.Module, folder: Path, output: Path) -> None:
         raise UserError(f"not enough free space to write {output}: about {need / 2**20:.0f} MiB "
                         f"needed, {free / 2**20:.0f} MiB free in {output.parent}: free some "
                         f"space or choose another -o ({output.name} is as it was)")
-
-
-
-def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    x, dims = _example(model, meta)
-    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
-    torch.export.save(program, path, extra_files={META_NAME: json.dumps(meta)})
-    return [path]
-
-
-def _write_onnx(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    x, dims = _example(model, meta)
-    with _quiet("onnxscript", "onnx_ir"):   # they log every optimisation pass at INFO
-        program = torch.onnx.export(model, (x,), None, dynamo=True,
-                                    verbose=False, dynamic_shapes=(dims,),
-                                    input_names=["images"], output_names=["logits"])
-    program.model.metadata_props["pipeline"] = json.dumps(meta)
-    program.save(path, external_data=False)   # VGGs stay well under protobuf's 2 GB
-    return [path]
-
-
-def _write_torchvision(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    """The state_dict of the torchvision model with its final Linear = the head. The cut's
-    feature extractor keeps the model's own parameter names, so the backbone's tensors are
-    the model's up to its last layer; a strict load into get_model(num_classes=C) proves that
-    nothing is missing (which is the case unless the cut is the penultimate one)."""
-    tv = meta["torchvision"]
-    prefix = "trunk.extractor."
-    state = {k[len(prefix):]: v for k, v in model.backbone.state_dict().items()
-             if k.startswith(prefix)}
-    state |= {f"{tv['final_layer']}.{k}": v for k, v in model.head.state_dict().items()}
-    with torch.device("meta"):
-        full = torchvision.models.get_model(tv["model"], num_classes=tv["num_classes"],
-                                            **tv["kwargs"])
-    try:
-        full.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        cut = meta["backbone"]["layer_alias"] or meta["backbone"]["layer"]
-        raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
-                        f"head is on {cut}: {str(e).splitlines()[0][:160]}): use --format pt2 or "
-                        "onnx, or extract with --layer penultimate") from None
-    # Serialized in memory, then written by Python: torch.save reports a full disk as a
-    # RuntimeError ("unexpected pos ..."), not as the OSError that export turns into one line.
-    buf = io.BytesIO()
-    torch.save({k: v.detach().contiguous() for k, v in state.items()}, buf)
-    path.write_bytes(buf.getbuffer())
-    del buf
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps({**meta, "weights_file": path.name}, indent=2))
-    return [path, sidecar]
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-_WRITERS: dict[str, Callable[[_Stitched, dict, Path], list[Path]]] = {
-    "pt2": _write_pt2, "onnx": _write_onnx, "torchvision": _write_torchvision}
 
 
 __all__ = ["FORMATS", "MODEL_FORMAT", "ExportSummary", "LoadedModel", "export", "load_model"]
