@@ -6,7 +6,8 @@ them, and commit the features to a cache writer from a background thread.
             run(model, images, loaded, stats, writer, dtype="float16", device=device,
                 precision="float32", done=counter, total=n, shown=True)
 
-The stage around it (`pipeline.extract`) plans which images to compute and opens the writer.
+The stage around it (`pipeline.extract`) plans which images to compute, cuts them into batches
+and opens the writer; `resolve_precision` says what `precision` a device runs.
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache import manifest as mf
+from cache.errors import UserError
 from cache.store import CacheWriter
 
 from ._loading import ImageBatches, collate, default_workers
 from ._progress import progress
 from .augment import Augment
+from .config import PRECISIONS
 from .preprocessing import Preprocessing, to_float_batch
 from .sources import ImageList
 
@@ -221,3 +224,13 @@ def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
     if isinstance(feats, dict):
         return {(keys[k] if isinstance(k, int) else k): t.numpy() for k, t in feats.items()}
     return {keys[0]: feats.numpy()}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The forward pass's precision for `name` on `device`: "auto" is bfloat16 autocast on CUDA,
+    float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
+    return name

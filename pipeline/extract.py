@@ -39,7 +39,7 @@ from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_
 from cache.store import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
-from .config import DTYPES, PRECISIONS, ExtractConfig
+from .config import DTYPES, ExtractConfig
 from .augment import DEFAULT_SPEC, Augment
 from .backbone import build_backbone, split_layers
 from .preprocessing import Preprocessing
@@ -198,7 +198,7 @@ def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     check_not_an_input(output, images)
     check_replaceable(output)
     device = resolve_device(job.device(config.device))
-    return images, device, _precision(config.precision, device)
+    return images, device, engine.resolve_precision(config.precision, device)
 
 
 def _check_shared(output: Path, job: Job) -> None:
@@ -347,14 +347,6 @@ def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
 
 def _bad(planned: Plan) -> list[tuple[str, str]]:
     return [(p, reason) for p, _, reason in planned.errors]
-
-
-def _precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
-    return name
 
 
 def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
