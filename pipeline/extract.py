@@ -7,7 +7,9 @@ Crash-safe and resumable: rows are committed batch by batch to `CACHE.h5.partial
 of the same command continues from the last committed batch. Incremental: against an
 existing cache, only new or changed images (by content hash) are computed; removed ones
 are dropped. The cache appears under its final name only when complete. The planning
-(what to reuse, what to compute, how to finish) is `cache.plan`; this module computes.
+(what to reuse, what to compute, how to finish) is `cache.plan`; the decode -> forward ->
+commit loop is `pipeline._engine`; this module runs the stage around them. The model comes
+from `build_model(config)`, the one place to replace to wrap or stub it.
 
 One run at a time per cache: a run holds a lock on `.CACHE.h5.lock` beside the output (the
 kernel drops it when the process ends, even by SIGKILL), and a second run is refused with the
