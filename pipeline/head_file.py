@@ -5,8 +5,8 @@ JSON metadata), and the plain modules a head is rebuilt as, with no training cod
 
 Linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
 `nn.Sequential(Linear, act, Linear, act, ..., Linear)` (dropout is a training-time setting).
-Heads are written by `save_head` (`pipeline.heads` trains them) and read by export, predict
-and report through `load_head` / `read_head_meta`, which check every field they rely on.
+Heads are written by `save_head` (`pipeline.heads` trains them) and read by export and the
+report through `load_head` / `read_head_meta`, which check every field they rely on.
 """
 from __future__ import annotations
 
