@@ -243,8 +243,9 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
             model = timm.create_model(backbone[len(TIMM):], pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:   # offline (URLError and the hub's HTTP errors
             # are OSErrors), gated, no weights for this name (timm's RuntimeError)
-            raise UserError(f"could not get timm weights for {backbone} ({str(e).splitlines()[0]}"
-                            "): connect once, or pass a local .pth file with --weights") from None
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"could not get timm weights for {backbone} ({reason}): connect "
+                            "once, or pass a local .pth file with --weights") from None
         return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
     if not is_timm(backbone):
         enum = torchvision.models.get_model_weights(backbone)

@@ -195,7 +195,7 @@ def test_image_input_refuses_the_torchvision_format(resnet_run):
 
 @pytest.mark.parametrize("error, expected", [
     (OSError("network unreachable"), UserError), (RuntimeError("no pretrained weights"), UserError),
-    (KeyError("a bug of ours"), KeyError)])
+    (ConnectionError(), UserError), (KeyError("a bug of ours"), KeyError)])
 def test_only_download_errors_become_connect_once(monkeypatch, error, expected):
     """timm's pretrained weights: offline or missing weights read "connect once"; anything
     else keeps its traceback."""
