@@ -386,8 +386,8 @@ def _held_rows(output: Path) -> int:
 
 def build_model(config: ExtractConfig):
     """The frozen model and its manifest entries (backbone, weights, cuts, preprocessing, ...)
-    for `config`: the one place `extract()` builds a model, called only when there is something
-    to compute. Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
+    for `config`: the one place `extract()` builds a model (not at all when the cache's recorded
+    settings show it up to date). Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
     or stub the model; the replacement takes the config and returns (model, info) likewise."""
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
