@@ -36,10 +36,12 @@ from torchvision.transforms import v2  # noqa: E402
 from bench._common import (EpochTimes, add_threads_option, apply_threads, machine,  # noqa: E402
                            quiet, scratch, table)
 from pipeline.augment import DEFAULT_SPEC, Augment  # noqa: E402
-from pipeline.backbone import Preprocessing, build_backbone, to_float_batch  # noqa: E402
+from pipeline.backbone import build_backbone  # noqa: E402
+from pipeline.preprocessing import Preprocessing, to_float_batch  # noqa: E402
 from pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
-from pipeline.images import find_images, read_image  # noqa: E402
+from pipeline.images import read_image  # noqa: E402
+from pipeline.sources import find_images  # noqa: E402
 from pipeline.train_head import train_head  # noqa: E402
 
 SWEEP = dict(head=("linear",), lr=(1e-3, 3e-3, 1e-2), weight_decay=(0.0, 1e-2, 1e-1))

@@ -30,7 +30,7 @@ from pipeline import ExtractConfig, extract  # noqa: E402
 from pipeline.backbone import build_backbone  # noqa: E402
 from pipeline.config import ExportConfig, TrainConfig  # noqa: E402
 from pipeline.export import export  # noqa: E402
-from pipeline.heads import load_head  # noqa: E402
+from pipeline.head_file import load_head  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.train_head import train_head  # noqa: E402
 

@@ -41,7 +41,8 @@ from bench._common import (add_threads_option, alternate, apply_threads, machine
 from cache import CacheWriter, partial_path  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
 from pipeline._loading import default_workers  # noqa: E402
-from pipeline.backbone import Preprocessing, build_backbone, to_float_batch  # noqa: E402
+from pipeline.backbone import build_backbone  # noqa: E402
+from pipeline.preprocessing import Preprocessing, to_float_batch  # noqa: E402
 from pipeline.images import read_image  # noqa: E402
 
 

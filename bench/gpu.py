@@ -25,7 +25,8 @@ from bench._common import alternate, machine, median, quiet, scratch, table  # n
 from bench.extract import make_images  # noqa: E402
 from cache import CacheReader  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
-from pipeline.backbone import build_backbone, to_float_batch  # noqa: E402
+from pipeline.backbone import build_backbone  # noqa: E402
+from pipeline.preprocessing import to_float_batch  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 

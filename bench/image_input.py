@@ -25,7 +25,7 @@ from cache import CacheReader  # noqa: E402
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.demo import write_digits  # noqa: E402
 from pipeline.export import export  # noqa: E402
-from pipeline.heads import load_head  # noqa: E402
+from pipeline.head_file import load_head  # noqa: E402
 from pipeline.images import read_image  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.models import load_model  # noqa: E402

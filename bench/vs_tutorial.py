@@ -48,9 +48,11 @@ from bench._common import (add_threads_option, alternate, apply_threads, machine
                            median, quiet, scratch, spread, table)
 from cache import CacheReader  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
-from pipeline.backbone import default_preprocessing, load_weights  # noqa: E402
+from pipeline.backbone import load_weights  # noqa: E402
+from pipeline.preprocessing import default_preprocessing  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.heads import HeadStack, load_head  # noqa: E402
+from pipeline.head_file import load_head  # noqa: E402
+from pipeline.heads import HeadStack  # noqa: E402
 from pipeline.train_head import train_head  # noqa: E402
 
 SWEEP_LR_FACTORS = (1.0, 3.0, 0.3, 0.1)   # x --lr; times 8 seeds = the 32-experiment sweep

@@ -138,7 +138,7 @@ def _check_output_folder(output: Path) -> None:
 
 def _refuse_input_as_output(output: Path, inputs: list[Path]) -> None:
     """-o must not replace the model, an input image or list, or an image inside an input folder."""
-    from pipeline.images import IMAGE_EXTENSIONS
+    from pipeline.sources import IMAGE_EXTENSIONS
 
     target = output.resolve()
     for p in inputs:

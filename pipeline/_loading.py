@@ -9,8 +9,9 @@ from torch.utils.data import Dataset
 
 from cache.errors import UserError
 
-from .backbone import Preprocessing
-from .images import BadImageError, ImageList, file_digest, read_image
+from .preprocessing import Preprocessing
+from .images import BadImageError, file_digest, read_image
+from .sources import ImageList
 
 
 class ImageBatches(Dataset):

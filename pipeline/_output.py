@@ -18,7 +18,7 @@ from pathlib import Path
 from cache import cache_kind
 from cache.errors import UserError
 
-from .images import ImageList
+from .sources import ImageList
 
 try:
     import fcntl

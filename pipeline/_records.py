@@ -36,7 +36,7 @@ from ._files import write_file, write_text
 from ._sweep import Experiment
 from ._version import __version__
 from .config import HEADS
-from .heads import WRITE_FIX, save_head
+from .head_file import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",

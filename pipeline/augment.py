@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from cache.errors import UserError
 
-from .backbone import Preprocessing
+from .preprocessing import Preprocessing
 
 # The fine-tuning recipe people use with these backbones: torchvision's RandomResizedCrop
 # defaults (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.

@@ -1,4 +1,4 @@
-"""Build a frozen backbone, load its weights, cut it at a layer, and describe its preprocessing.
+"""Build a frozen backbone, load its weights, and cut it at a layer.
 
     model, info = build_backbone("vgg16", "DEFAULT", layer="fc7")
     feats = model(images)   # images: (N, 3, H, W) float in [0, 1]  ->  (N, D)
@@ -12,26 +12,23 @@ timm), any graph node name that `list_layers` gives (cut with torchvision's
 outputs are flattened, or averaged to (N, C) with `pool="avg"`.
 
 The returned module holds the normalisation (mean/std from the weights' own transforms, or
-timm's data config) and the truncated network, always in eval mode with frozen parameters.
-Export reuses it.
+timm's data config: `pipeline.preprocessing`) and the truncated network, always in eval mode
+with frozen parameters. Export reuses it.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from cache.errors import UserError
 
 from .config import POOLS
+from .preprocessing import Preprocessing, default_preprocessing
 
 TIMM = "timm:"
 PENULTIMATE = "penultimate"
@@ -41,68 +38,6 @@ LAYER_ALIASES = {
     "fc6": "classifier.1",   # fc6 after its ReLU, 4096 features
     "pool5": "avgpool",      # after adaptive avgpool, flattened: 512*7*7 = 25088 features
 }
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize, centre crop and normalisation, as torchvision's ImageClassification preset."""
-    resize_size: int          # shorter side is resized to this
-    crop_size: int            # then a centre crop of crop_size x crop_size
-    mean: tuple[float, ...]   # per-channel mean, applied inside the model
-    std: tuple[float, ...]    # per-channel std, applied inside the model
-    interpolation: str = "bilinear"
-    antialias: bool = True
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> (3, crop, crop) uint8 tensor (normalisation happens in the model)."""
-        img = TF.resize(img, [self.resize_size], interpolation=InterpolationMode(self.interpolation),
-                        antialias=self.antialias)
-        img = TF.center_crop(img, [self.crop_size])
-        return TF.pil_to_tensor(img)
-
-
-class ImageInput(nn.Module):
-    """`Preprocessing` as tensor operations, for models that take decoded pixels:
-    (N, 3, H, W) uint8 of any H and W -> (N, 3, S, S) float in [0, 1].
-
-    The shorter side is resized to resize_size (the longer to floor(resize * long / short)),
-    antialiased, rounded back to whole gray levels as Pillow's 8-bit resize is, then centre
-    cropped with Python's round-half-to-even offset, as torchvision's center_crop computes it.
-    Only integer arithmetic on the input's sides, so torch.export keeps H and W dynamic.
-    Measured against Pillow: at most one gray level apart.
-    """
-
-    def __init__(self, pre: Preprocessing):
-        super().__init__()
-        self.resize, self.crop = pre.resize_size, pre.crop_size
-        self.mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic") else "bilinear"
-        self.antialias = pre.antialias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        short = torch.sym_min(h, w)
-        nh, nw = self.resize * h // short, self.resize * w // short
-        y = nn.functional.interpolate(x.float(), size=(nh, nw), mode=self.mode,
-                                      antialias=self.antialias, align_corners=False)
-        y = y.round().clamp(0, 255)                                     # (N, 3, nh, nw)
-        top, left = _centre_offset(nh - self.crop), _centre_offset(nw - self.crop)
-        return y[..., top:top + self.crop, left:left + self.crop] / 255  # (N, 3, S, S)
-
-
-def _centre_offset(d):
-    """int(round(d / 2)) with round-half-to-even, in integers: k, or k + 1 when d = 2k + 1
-    and k is odd."""
-    k = d // 2
-    return k + (d % 2) * (k % 2)
 
 
 class FrozenBackbone(nn.Module):
@@ -270,11 +205,12 @@ def _builder_kwargs(backbone: str, image_size: int | None) -> dict:
     return {"image_size": image_size} if backbone.startswith("vit_") else {}
 
 
-def _construct(backbone: str, image_size: int | None, pretrained: bool = False) -> nn.Module:
+def _construct(backbone: str, image_size: int | None) -> nn.Module:
+    """The backbone with random-init weights (its weights are loaded apart)."""
     kwargs = _builder_kwargs(backbone, image_size)
     if is_timm(backbone):
         import timm
-        return timm.create_model(backbone[len(TIMM):], pretrained=pretrained, **kwargs)
+        return timm.create_model(backbone[len(TIMM):], pretrained=False, **kwargs)
     return torchvision.models.get_model(backbone, weights=None, **kwargs)
 
 
@@ -301,11 +237,15 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
     if text.lower() == "none":
         return _random_init(backbone, image_size)[0], "none"
     if is_timm(backbone) and text == "DEFAULT":
+        import timm
+        kwargs = _builder_kwargs(backbone, image_size)
         try:
-            model = _construct(backbone, image_size, pretrained=True)
-        except Exception as e:   # offline, gated, no weights for this name
-            raise UserError(f"could not get timm weights for {backbone} ({str(e).splitlines()[0]}"
-                            "): connect once, or pass a local .pth file with --weights") from None
+            model = timm.create_model(backbone[len(TIMM):], pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as e:   # offline (URLError and the hub's HTTP errors
+            # are OSErrors), gated, no weights for this name (timm's RuntimeError)
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"could not get timm weights for {backbone} ({reason}): connect "
+                            "once, or pass a local .pth file with --weights") from None
         return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
     if not is_timm(backbone):
         enum = torchvision.models.get_model_weights(backbone)
@@ -313,7 +253,8 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
             w = enum[text] if text != "DEFAULT" else enum.DEFAULT
             try:
                 return w.get_state_dict(progress=False, check_hash=True), f"{backbone}:{w.name}"
-            except Exception as e:  # offline, proxy, disk full: say what to do instead
+            except (OSError, RuntimeError) as e:  # offline, proxy, disk full (URLError is
+                # an OSError), a hash mismatch or a torn download (RuntimeError)
                 raise UserError(f"could not get {backbone} weights {w.name} ({e}): connect to "
                                 "the internet once, or pass a local .pth file with --weights") from None
     return _load_file(backbone, Path(text)), f"file:{Path(text).name}"
@@ -334,40 +275,6 @@ def _load_file(backbone: str, path: Path) -> dict:
     if not isinstance(sd, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     return sd
-
-
-def default_preprocessing(backbone: str, image_size: int | None = None,
-                          weights: str = "DEFAULT") -> Preprocessing:
-    """The preprocessing of the backbone's weights (torchvision: the named weights' own
-    transforms, DEFAULT's for a file or random init; timm: its data config for the model),
-    optionally at another input size, keeping the resize/crop ratio (256/224 for ImageNet)."""
-    if is_timm(backbone):
-        resize, crop, mean, std, interp = _timm_preprocessing(backbone)
-        antialias = True
-    else:
-        enum = torchvision.models.get_model_weights(backbone)
-        w = enum[weights] if weights in enum.__members__ else enum.DEFAULT
-        t = w.transforms()
-        resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
-        interp, antialias = t.interpolation.value, bool(t.antialias)
-    if image_size is not None:
-        if image_size < 32:
-            raise UserError(f"--image-size {image_size} is too small: use 32 or more")
-        resize, crop = round(image_size * resize / crop), image_size
-    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(mean), std=tuple(std),
-                         interpolation=interp, antialias=antialias)
-
-
-def _timm_preprocessing(backbone: str):
-    import timm
-    from timm.data import resolve_data_config
-    cfg = timm.get_pretrained_cfg(backbone[len(TIMM):])
-    data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
-    crop = int(data["input_size"][-1])
-    resize = int(crop / data.get("crop_pct", 0.875))   # timm's own rounding (floor)
-    interp = data.get("interpolation", "bilinear")
-    return resize, crop, data["mean"], data["std"], interp if interp in ("bilinear", "bicubic",
-                                                                          "nearest") else "bilinear"
 
 
 def _model(backbone: str, weights: str | Path, image_size: int | None
@@ -497,12 +404,6 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def to_float_batch(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> float32 in [0, 1], as torchvision's convert_image_dtype."""
-    return images.to(torch.float32).div(255)
-
-
-__all__ = ["LAYER_ALIASES", "PENULTIMATE", "Preprocessing", "ImageInput", "FrozenBackbone",
-           "split_layers", "build_backbone",
-           "builder_kwargs", "final_layer", "check_backbone", "cut", "default_preprocessing", "list_layers",
-           "load_weights", "pool_output", "resolve_layer", "state_dict_sha256", "to_float_batch"]
+__all__ = ["LAYER_ALIASES", "PENULTIMATE", "FrozenBackbone", "split_layers", "build_backbone",
+           "builder_kwargs", "final_layer", "check_backbone", "cut", "list_layers", "load_weights",
+           "pool_output", "resolve_layer", "state_dict_sha256"]

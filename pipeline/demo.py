@@ -29,12 +29,14 @@ from torch import nn
 
 from cache.errors import UserError
 
-from .backbone import Preprocessing, build_backbone, to_float_batch
+from .backbone import build_backbone
+from .preprocessing import Preprocessing, to_float_batch
 from .config import (DemoConfig, ExportConfig, ExtractConfig, PredictConfig, ReportConfig,
                      TrainConfig)
 from .export import ExportSummary, export
 from .extract import ExtractSummary, extract
-from .images import find_images, read_image
+from .images import read_image
+from .sources import find_images
 from .predict import PredictResult, predict
 from .report import ReportSummary, report
 from .train_head import TrainSummary, train_head

@@ -23,8 +23,6 @@ its logits must equal the head's on the cached features within the rounding of t
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -32,9 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -44,30 +40,18 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache import CacheReader, fsync_path
 
+from . import _parity as parity
+from ._writers import write
 from ._version import __version__
-from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
-                       builder_kwargs, final_layer, is_timm, to_float_batch)
+from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
+                       is_timm)
 from .config import FORMATS, INPUTS, ExportConfig
-from .heads import load_head
-from .images import BadImageError, read_image
-from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
+from .head_file import load_head
+from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
+from .preprocessing import ImageInput, Preprocessing
 
 log = logging.getLogger(__name__)
 
-# Relative error of a cached feature against a fresh float32 forward pass of the same network:
-# the storage dtype's rounding plus the error of the precision it was computed in (autocast).
-# float32 keeps room for two implementations of the same convolutions (eager, exported, ONNX RT).
-_STORAGE_EPS = {"float16": 2.0 ** -11, "float32": 0.0}
-_COMPUTE_EPS = {"float32": 1e-5, "float16": 4 * 2.0 ** -11, "bfloat16": 4 * 2.0 ** -8}
-_SIGMAS = 6.0        # tolerance = this many standard deviations of the propagated rounding error
-_ATOL = 1e-5         # plus an absolute floor for float32 caches of tiny logits
-_GELU_SLOPE = 1.13   # steepest slope of GELU (1.129): how much it can amplify an input error
-_PARITY_TRIES = 200  # cached rows tried at most when looking for reachable, unchanged images
-# Image-input models resize with tensor operations, which land up to one gray level from
-# Pillow's resize: allowed logit error, as a fraction of the largest logit. Measured by
-# bench/image_input.py: at most 3.8 % (random-init VGG16 and ResNet18, digits and random-size
-# images at 32 px); 0.1 leaves a margin of 2.6x.
-_RESIZE_REL = 0.1
 
 
 @dataclass
@@ -115,8 +99,9 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
     try:
         # The images first: a cheap refusal before the expensive rebuild and write.
         pre = Preprocessing.from_dict(meta["cache"]["preprocessing"])
-        probe = (None if reader is None else _parity_images(
-            reader, TF.pil_to_tensor if config.input == "image" else pre, config))
+        probe = (None if reader is None else parity.pick_images(
+            reader, TF.pil_to_tensor if config.input == "image" else pre, config.images_root,
+            config.parity_images))
         backbone, info = _rebuild_backbone(meta, config.weights)
         model_meta = _model_meta(config, meta, info)
         model = _Stitched(backbone, head, ImageInput(pre) if config.input == "image" else None)
@@ -127,10 +112,10 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir()
             _check_space(model, tmp_dir, output)
-            files = _WRITERS[config.format](model, model_meta, tmp_dir / output.name)
-            parity = None
+            files = write(config.format, model, model_meta, tmp_dir / output.name)
+            checked = None
             if probe is not None:
-                parity = _parity(load_model(tmp_dir / output.name), head, reader, *probe)
+                checked = parity.check(load_model(tmp_dir / output.name), head, reader, *probe)
             final = [output.parent / f.name for f in files]
             for f in files:
                 fsync_path(f)     # a full disk can surface only when the data reaches the disk
@@ -146,7 +131,7 @@ def export(head_path: str | Path, output: str | Path, config: ExportConfig = Exp
             reader.close()
     return ExportSummary(str(output), [str(f) for f in final], config.format,
                          sum(f.stat().st_size for f in final), model_meta["class_names"],
-                         info["preprocessing"]["crop_size"], parity, time.perf_counter() - t0,
+                         info["preprocessing"]["crop_size"], checked, time.perf_counter() - t0,
                          model_meta)
 
 
@@ -210,7 +195,7 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
 
 
 def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
-    """`heads.load_head` (which checks head.json and head.pt), plus what export needs of it."""
+    """`head_file.load_head` (which checks head.json and head.pt), plus what export needs of it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no head at {path}: pass a run folder written by `pipeline train-head` "
@@ -236,7 +221,7 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
                         f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
     backbone = meta["cache"]["backbone"]
     # A VGG's penultimate cut is known without building it; other backbones are checked when
-    # the state_dict is loaded into the torchvision model (`_write_torchvision`).
+    # the state_dict is loaded into the torchvision model (`_writers._write_torchvision`).
     if backbone.startswith("vgg") and meta["cache"]["layer"] != LAYER_ALIASES["fc7"]:
         raise UserError(f"--format torchvision is {backbone} with its last layer replaced: it "
                         f"needs the head on fc7 (the penultimate cut), this is a {meta['kind']} "
@@ -338,18 +323,6 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
     return out
 
 
-def _example(model: _Stitched, meta: dict) -> tuple[torch.Tensor, dict]:
-    """An example input batch and its dynamic dimensions. A batch of 2 (torch.export specialises
-    a batch of 1 to a constant); an image input of unequal sides, so neither is specialised."""
-    s, g = meta["preprocessing"]["crop_size"], torch.Generator().manual_seed(0)
-    batch = torch.export.Dim("batch", min=1)
-    if model.image_input is None:
-        return torch.rand(2, 3, s, s, generator=g), {0: batch}
-    x = torch.randint(0, 256, (2, 3, s + 7, s + 3), generator=g, dtype=torch.uint8)
-    return x, {0: batch, 2: torch.export.Dim("height", min=2, max=2**15),
-               3: torch.export.Dim("width", min=2, max=2**15)}
-
-
 # torch.export.save aborts the whole process (a C++ abort, exit 134) when the disk fills up
 # under it, which no Python handler can turn into a message: so the free space is checked
 # before any format is written, in the temporary folder beside the output where the file is
@@ -367,153 +340,6 @@ def _check_space(model: nn.Module, folder: Path, output: Path) -> None:
         raise UserError(f"not enough free space to write {output}: about {need / 2**20:.0f} MiB "
                         f"needed, {free / 2**20:.0f} MiB free in {output.parent}: free some "
                         f"space or choose another -o ({output.name} is as it was)")
-
-
-
-def _write_pt2(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    x, dims = _example(model, meta)
-    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
-    torch.export.save(program, path, extra_files={META_NAME: json.dumps(meta)})
-    return [path]
-
-
-def _write_onnx(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    x, dims = _example(model, meta)
-    with _quiet("onnxscript", "onnx_ir"):   # they log every optimisation pass at INFO
-        program = torch.onnx.export(model, (x,), None, dynamo=True,
-                                    verbose=False, dynamic_shapes=(dims,),
-                                    input_names=["images"], output_names=["logits"])
-    program.model.metadata_props["pipeline"] = json.dumps(meta)
-    program.save(path, external_data=False)   # VGGs stay well under protobuf's 2 GB
-    return [path]
-
-
-def _write_torchvision(model: _Stitched, meta: dict, path: Path) -> list[Path]:
-    """The state_dict of the torchvision model with its final Linear = the head. The cut's
-    feature extractor keeps the model's own parameter names, so the backbone's tensors are
-    the model's up to its last layer; a strict load into get_model(num_classes=C) proves that
-    nothing is missing (which is the case unless the cut is the penultimate one)."""
-    tv = meta["torchvision"]
-    prefix = "trunk.extractor."
-    state = {k[len(prefix):]: v for k, v in model.backbone.state_dict().items()
-             if k.startswith(prefix)}
-    state |= {f"{tv['final_layer']}.{k}": v for k, v in model.head.state_dict().items()}
-    with torch.device("meta"):
-        full = torchvision.models.get_model(tv["model"], num_classes=tv["num_classes"],
-                                            **tv["kwargs"])
-    try:
-        full.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        cut = meta["backbone"]["layer_alias"] or meta["backbone"]["layer"]
-        raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
-                        f"head is on {cut}: {str(e).splitlines()[0][:160]}): use --format pt2 or "
-                        "onnx, or extract with --layer penultimate") from None
-    # Serialized in memory, then written by Python: torch.save reports a full disk as a
-    # RuntimeError ("unexpected pos ..."), not as the OSError that export turns into one line.
-    buf = io.BytesIO()
-    torch.save({k: v.detach().contiguous() for k, v in state.items()}, buf)
-    path.write_bytes(buf.getbuffer())
-    del buf
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps({**meta, "weights_file": path.name}, indent=2))
-    return [path, sidecar]
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-_WRITERS: dict[str, Callable[[_Stitched, dict, Path], list[Path]]] = {
-    "pt2": _write_pt2, "onnx": _write_onnx, "torchvision": _write_torchvision}
-
-
-# ---------------------------------------------------------------------------------------------
-# parity
-
-def _parity(model: LoadedModel, head: nn.Module, reader: CacheReader, rows: list[int],
-            inputs: list[torch.Tensor]) -> dict:
-    """Run `model` on cached images; its logits must equal the head's on the cached features.
-    `inputs`: (3, S, S) uint8 crops, or (3, H, W) uint8 whole images for an image-input model
-    (run one at a time: their sizes differ)."""
-    feats = torch.from_numpy(reader.read_rows(rows))                          # (B, D)
-    with torch.no_grad():
-        expected = head(feats)                                                # (B, C)
-    image_input = model.input_kind == "image"
-    got = (torch.cat([model.run(x[None]) for x in inputs]) if image_input
-           else model.run(to_float_batch(torch.stack(inputs))))               # (B, C)
-    m = reader.manifest
-    eps = _STORAGE_EPS.get(m["dtype"], 2.0 ** -11) + _COMPUTE_EPS.get(m["precision"], 2.0 ** -8)
-    tolerance = float(_SIGMAS * _error_sigma(head, feats, eps).max() + _ATOL)
-    if image_input:   # tensor resizing lands up to one gray level from Pillow's
-        tolerance += _RESIZE_REL * float(expected.abs().max())
-    diff = float((got - expected).abs().max())
-    result = {"images": len(rows), "max_abs_diff": diff, "tolerance": tolerance,
-              "max_abs_logit": float(expected.abs().max()), "cache": str(reader.path)}
-    log.info("parity on %d cached images: max |logit diff| %.3g, tolerance %.3g",
-             len(rows), diff, tolerance)
-    if not diff <= tolerance:   # also catches NaN
-        raise UserError(f"parity check failed: on {len(rows)} images of {reader.path} the "
-                         f"stitched model's logits differ from the head's on the cached features "
-                         f"by up to {diff:.3g} (tolerance {tolerance:.3g}, logits up to "
-                         f"{result['max_abs_logit']:.3g}): the images, weights or preprocessing "
-                         "are not the ones that made the cache; nothing was written")
-    return result
-
-
-def _parity_images(reader: CacheReader, pre: Callable, config: ExportConfig
-                   ) -> tuple[list[int], list[torch.Tensor]]:
-    """Up to `parity_images` rows, spread over the cache, whose image file is still there and
-    unchanged (same SHA-256), decoded as extract decodes, then `pre` (the cache's Preprocessing
-    for (3, S, S) uint8 crops, or pil_to_tensor for whole images)."""
-    root = Path(config.images_root or reader.manifest.get("source_root") or ".")
-    n = reader.n_rows
-    candidates = np.unique(np.linspace(0, n - 1, min(n, _PARITY_TRIES)).round().astype(int))
-    # Interleave so the first picks spread over the whole cache (classes are contiguous).
-    order = [int(r) for k in range(4) for r in candidates[k::4]]
-    rows, crops, tried = [], [], 0
-    for r in order:
-        if len(rows) == config.parity_images:
-            break
-        tried += 1
-        try:
-            img, digest = read_image(root / reader.paths[r])
-        except BadImageError:
-            continue
-        if digest == reader.digests[r]:
-            rows.append(r)
-            crops.append(pre(img))
-    if not rows:
-        raise UserError(f"parity check: none of the {tried} cached images tried is readable and "
-                         f"unchanged under {root}: pass --images-root with the folder the images "
-                         "now live in, --cache with another cache of the same features, or "
-                         "--no-parity-check")
-    return rows, crops
-
-
-def _error_sigma(head: nn.Module, feats: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, C) standard deviation of each logit when every feature carries an independent relative
-    error of size `eps` (rounding), propagated through the head's layers to first order."""
-    var = (eps * feats) ** 2                                                  # (B, D)
-    layers = list(head) if isinstance(head, nn.Sequential) else [head]
-    with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                var = var @ (layer.weight ** 2).t()                           # (B, out)
-            elif isinstance(layer, nn.GELU):
-                var = var * _GELU_SLOPE ** 2
-            elif not isinstance(layer, (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout)):
-                raise UserError(f"the parity check does not know head layer {layer}: "
-                                 "use --no-parity-check")    # 1-Lipschitz layers pass through
-    return var.sqrt()
 
 
 __all__ = ["FORMATS", "MODEL_FORMAT", "ExportSummary", "LoadedModel", "export", "load_model"]

@@ -7,7 +7,9 @@ Crash-safe and resumable: rows are committed batch by batch to `CACHE.h5.partial
 of the same command continues from the last committed batch. Incremental: against an
 existing cache, only new or changed images (by content hash) are computed; removed ones
 are dropped. The cache appears under its final name only when complete. The planning
-(what to reuse, what to compute, how to finish) is `cache.plan`; this module computes.
+(what to reuse, what to compute, how to finish) is `cache.plan`; the decode -> forward ->
+commit loop is `pipeline._engine`; this module runs the stage around them. The model comes
+from `build_model(config)`, the one place to replace to wrap or stub it.
 
 One run at a time per cache: a run holds a lock on `.CACHE.h5.lock` beside the output (the
 kernel drops it when the process ends, even by SIGKILL), and a second run is refused with the
@@ -20,10 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
-import signal
 import socket
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,6 @@ import h5py
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader
 
 from cache import manifest as mf
 from cache.errors import UserError
@@ -43,18 +41,18 @@ from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_
 from cache import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
-from ._progress import progress
-from .config import DTYPES, PRECISIONS, ExtractConfig
+from .config import DTYPES, ExtractConfig
 from .augment import DEFAULT_SPEC, Augment
-from .backbone import Preprocessing, build_backbone, split_layers, to_float_batch
+from .backbone import build_backbone, split_layers
+from .preprocessing import Preprocessing
 from ._distributed import Job
-from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
+from . import _engine as engine
+from ._loading import digest_or_blank, resolve_device
 from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
-from .images import ImageList, find_images
+from .sources import ImageList, find_images
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The settings that decide the features, as recorded in a cache's manifest["config"]: equal
 # ones (and the same torch and torchvision) let a re-run trust the cache without a model.
 _SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype", "views", "augment",
@@ -152,7 +150,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         if job.lead:
             refresh_stats(output, *stale)
         return _unchanged(output, planned, t0, device, settled, hashed, job)
-    model, info = job.step("building the backbone", lambda: _build(config))
+    model, info = job.step("building the backbone", lambda: build_model(config))
     manifest = _manifest(info, config, precision, images)
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
@@ -202,7 +200,7 @@ def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     check_not_an_input(output, images)
     check_replaceable(output)
     device = resolve_device(job.device(config.device))
-    return images, device, _precision(config.precision, device)
+    return images, device, engine.resolve_precision(config.precision, device)
 
 
 def _check_shared(output: Path, job: Job) -> None:
@@ -300,48 +298,22 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         # The decoding workers are forked before the writer opens its file: a worker forked
         # while it is open would inherit HDF5's descriptor and its lock, and one that outlives
         # a killed run would keep the file locked for the next.
-        with _decoding(images, manifest, job.share(batches), config, device) as loaded:
+        pre = Preprocessing.from_dict(manifest["preprocessing"])
+        with engine.decoding(images, job.share(batches), pre, _augment(config, pre),
+                             config.views, config.workers, device) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
             with writer:
                 rows_before = writer.committed_rows
                 t = time.perf_counter()
-                _run(model, images, loaded, stats, writer, config, device, precision, job,
-                     len(planned.todo))
+                engine.run(model, images, loaded, stats, writer, dtype=config.dtype,
+                           device=device, precision=precision,
+                           done=job.counter("extract/images"), total=len(planned.todo),
+                           shown=config.progress if job.lead else False)
                 return (Path(os.path.abspath(path)), rows_before,
                         writer.committed_rows - rows_before, time.perf_counter() - t)
     done = job.gather(job.step("computing", run))
     return (sum(n for _, _, n, _ in done), max(s for *_, s in done),
             {p: b for p, b, _, _ in done})
-
-
-@contextlib.contextmanager
-def _decoding(images: ImageList, manifest: dict, batches: list[list[int]],
-              config: ExtractConfig, device: torch.device):
-    """The decoded `batches` (an iterator, None when there are none), with its worker processes
-    started at once and stopped on leaving, also on a failure or Ctrl-C."""
-    if not batches:
-        yield None
-        return
-    cuda = device.type == "cuda"
-    pre = Preprocessing.from_dict(manifest["preprocessing"])
-    views = ImageBatches(images, pre, _augment(config, pre), config.views)   # (K, 3, S, S) each
-    loader = DataLoader(views, batch_sampler=batches, collate_fn=collate,
-                        num_workers=default_workers(config.workers, cuda), pin_memory=cuda,
-                        worker_init_fn=_worker_init)
-    loaded = iter(loader)
-    try:
-        yield loaded
-    finally:
-        shutdown = getattr(loaded, "_shutdown_workers", None)   # absent without workers
-        if shutdown is not None:
-            shutdown()
-
-
-def _worker_init(worker_id: int) -> None:
-    """A decoding worker ignores Ctrl-C: a terminal sends SIGINT to the whole process group,
-    the main process then stops the workers, and a worker's own KeyboardInterrupt would only
-    add a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
@@ -379,171 +351,6 @@ def _bad(planned: Plan) -> list[tuple[str, str]]:
     return [(p, reason) for p, _, reason in planned.errors]
 
 
-def _run(model, images: ImageList, loaded, stats: list, writer: CacheWriter,
-         config: ExtractConfig, device: torch.device, precision: str, job: Job, total: int
-         ) -> None:
-    """Compute features for the decoded batches `loaded` (see `_decoding`), committing one
-    batch at a time with each file's (size, mtime_ns) from `stats`.
-
-    Decoding runs in DataLoader workers and HDF5 writing in a thread, both overlapped
-    with the forward pass. The batches are cut from the images to compute in order, so a
-    resumed run forms the same batches as an uninterrupted one (bit-identical features on the
-    CPU), whichever rank computes them. The progress line (rank 0's) counts every rank's
-    images, of `total`.
-    """
-    if loaded is None:
-        return
-    cuda = device.type == "cuda"
-    model = model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    done = job.counter("extract/images")
-    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[precision])
-                if precision != "float32" else contextlib.nullcontext())
-    store_dtype = getattr(torch, config.dtype)
-    committer = _Committer(writer)
-    try:
-        shown = config.progress if job.lead else False
-        with progress(total, "extract", shown) as bar, torch.inference_mode(), \
-                _interrupt_between_batches() as check_interrupt:
-            for batch in loaded:
-                feats = (_forward(model, batch["images"], device, autocast, store_dtype)
-                         if len(batch["index"]) else None)
-                committer.put(feats, [images.labels[i] for i in batch["index"]],
-                              [images.paths[i] for i in batch["index"]], batch["digests"],
-                              batch["errors"], [stats[i] for i in batch["index"]])
-                bar.update(done(len(batch["index"]) + len(batch["errors"])) - bar.n)
-                check_interrupt()
-            check_interrupt()    # pressed while the last batch was awaited
-        committer.close()
-    finally:
-        # Also when the loop raised: the caller closes the writer next, which must not race a
-        # commit in progress, and a thread left waiting on its queue would never end.
-        committer.stop()
-
-
-@contextlib.contextmanager
-def _interrupt_between_batches():
-    """Ctrl-C while batches are computed takes effect between two batches (the check this
-    yields raises KeyboardInterrupt then), a second Ctrl-C at once. An interrupt that lands while
-    the DataLoader receives a batch breaks the worker's hand-over of its shared memory, and the
-    worker prints a traceback. Only where Ctrl-C raises KeyboardInterrupt in the main thread
-    (not in another thread, not where SIGINT is ignored)."""
-    pressed = []
-
-    def check() -> None:
-        if pressed:
-            raise KeyboardInterrupt
-
-    def first(signum, frame) -> None:
-        pressed.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield check
-        return
-    signal.signal(signal.SIGINT, first)
-    try:
-        yield check
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
-    """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor (a dict of
-    them per cut for several cuts; for a (B, K, 3, S, S) batch of K views, {view: (B, D)}, one
-    forward pass per view, so view 0 is computed as a one-view cache computes it); on CUDA,
-    (pinned host tensors, event) with the copy back still in flight (the committer waits)."""
-    cuda = device.type == "cuda"
-    x = images.to(device, non_blocking=True)
-
-    def run(x4: torch.Tensor):
-        if cuda:
-            x4 = x4.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            return model(to_float_batch(x4))             # (B, D), or {cut: (B, D_cut)}
-    y = {v: run(x[:, v]) for v in range(x.shape[1])} if x.dim() == 5 else run(x)
-    feats = {k: v.to(store_dtype) for k, v in y.items()} if isinstance(y, dict) else y.to(
-        store_dtype)
-    if not cuda:
-        return feats
-
-    def to_host(t: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(t.shape, dtype=store_dtype, pin_memory=True)
-        return host.copy_(t, non_blocking=True)
-    host = {k: to_host(v) for k, v in feats.items()} if isinstance(feats, dict) else to_host(feats)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-class _Committer:
-    """Commits batches to the writer from a background thread (overlaps HDF5 with compute)."""
-
-    def __init__(self, writer: CacheWriter):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="extract-committer", daemon=True)
-        self.thread.start()
-
-    def put(self, *item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        """Commit every queued batch, end the thread, and raise a commit failure if any."""
-        self.stop()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        """End the thread once the queued batches are committed; does nothing the second time.
-
-        Only this (main) thread queues the end marker, so a live thread has not yet seen it.
-        """
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue   # drain so the producer never blocks on a dead writer
-            feats, labels, paths, digests, errors, stats = item
-            try:
-                if isinstance(feats, tuple):
-                    feats[1].synchronize()
-                    feats = feats[0]
-                self.writer.commit(_arrays(feats, self.writer.manifest), labels, paths, digests,
-                                   errors, stats)
-                log.debug("committed %d rows", self.writer.committed_rows)
-            except BaseException as e:  # surfaced in the main thread by put()/close()
-                self.error = e
-
-
-def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
-    """{dataset key: (B, D) array} of a batch's features: a tensor for a one-cut cache, a dict
-    by cut name for several cuts or by view number for views, None for a batch without a
-    usable image (no rows)."""
-    keys = [k for k, _ in mf.feature_datasets(manifest)]       # cut names, then "view 1", ...
-    if feats is None:
-        return {k: np.empty((0, d), manifest["dtype"]) for k, d in mf.feature_datasets(manifest)}
-    if isinstance(feats, dict):
-        return {(keys[k] if isinstance(k, int) else k): t.numpy() for k, t in feats.items()}
-    return {keys[0]: feats.numpy()}
-
-
-def _precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
-    return name
-
-
 def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
     if config.views == 1:
         return None
@@ -577,7 +384,11 @@ def _held_rows(output: Path) -> int:
     return total
 
 
-def _build(config: ExtractConfig):
+def build_model(config: ExtractConfig):
+    """The frozen model and its manifest entries (backbone, weights, cuts, preprocessing, ...)
+    for `config`: the one place `extract()` builds a model (not at all when the cache's recorded
+    settings show it up to date). Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
+    or stub the model; the replacement takes the config and returns (model, info) likewise."""
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone, extra={"random_init": True})

@@ -1,11 +1,10 @@
-"""Heads on cached features: K heads of one shape trained as one stacked set of tensors, and
-the plain modules they are saved as.
+"""Training heads on cached features: K heads of one shape trained as one stacked set of
+tensors.
 
     stack = HeadStack(4096, 10, seeds=[0, 1], dropouts=[0.0, 0.5])          # two linear heads
     opt = StackedOptimizer(stack.params, "adamw", lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4])
     logits = stack.forward(x, noise=generator)                           # (B, K, C)
     stack.losses(logits, y).sum().backward(); opt.step()
-    module, meta = load_head("runs/linear-adamw-lr0.001-.../")      # nn.Linear / nn.Sequential
 
 Why stacked: K linear heads held as one (K*C, D) weight make a batch one addmm that reads the
 batch once for all heads, so 32 heads cost a few times one head, not 32 times (3.5-5x on a
@@ -24,18 +23,12 @@ scikit-learn's LogisticRegression and returns it as the linear layer it is. Head
 standardized features are saved with the standardization folded into their first layer
 (`fold_standardization`), so every saved head takes raw features.
 
-Saved heads are plain modules that `build_head(meta)` rebuilds without this training code:
-linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
-`nn.Sequential(Linear, act, Linear, act, ..., Linear)` (dropout is a training-time setting).
-Export uses `load_head(run_dir) -> (module, meta)`.
+Saving and loading heads is `pipeline.head_file`: its plain modules need none of this code.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import warnings
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -43,17 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache import manifest as mf
 from cache.errors import UserError
-from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields,
-                            one_of, optional)
 
-from ._files import make_folder, write_file, write_text
-from .config import ACTIVATIONS, HEADS, OPTIMIZERS
+from .config import ACTIVATIONS, OPTIMIZERS
 
-HEAD_FORMAT = "pipeline-head/1"
-# Each of config.ACTIVATIONS -> (function for the stack, module for the saved head).
-_ACTIVATION = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU), "tanh": (torch.tanh, nn.Tanh)}
+# Each of config.ACTIVATIONS -> its function in the stack (head_file has its module).
+_ACTIVATION = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
 class HeadStack:
@@ -78,7 +66,7 @@ class HeadStack:
         self.hidden, self.activation = tuple(int(h) for h in hidden), activation
         self.dropouts = dropouts
         self._p = torch.tensor(dropouts, dtype=torch.float32)     # (K,)
-        self._act = _ACTIVATION[activation][0]
+        self._act = _ACTIVATION[activation]
         dims = [in_dim, *self.hidden, n_classes]
         self.weights = [torch.empty(k, o, i) for i, o in zip(dims[:-1], dims[1:])]
         self.biases = [torch.empty(k, o) for o in dims[1:]]
@@ -325,135 +313,4 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter:
     return state, {"n_iter": int(np.max(clf.n_iter_)), "converged": converged}
 
 
-def build_head(meta: dict) -> nn.Module:
-    """The plain module a saved head's state_dict loads into, from its JSON metadata."""
-    kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
-    if kind in ("linear", "logreg"):
-        return nn.Linear(d, c)
-    if kind != "mlp":
-        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
-                         "or logreg")
-    act = _ACTIVATION[meta["activation"]][1]
-    dims, layers = [d, *meta["hidden"], c], []
-    for i, o in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(i, o), act()]
-    return nn.Sequential(*layers[:-1])
-
-
-RETRAIN = "retrain it with `pipeline train-head`, or pick another run"
-WRITE_FIX = "free some space or write the runs to another -o folder"
-
-
-def save_head(run_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write run_dir/head.pt (state_dict) and run_dir/head.json (metadata, plain JSON), each
-    under a temporary name first: a full disk leaves the previous files, never a torn one."""
-    run_dir = make_folder(run_dir, "run folder", WRITE_FIX)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
-    # Serialized in memory, then written by Python: torch.save reports a full disk as a
-    # RuntimeError ("unexpected pos ..."), which would read as a bug; a head is small.
-    buf = io.BytesIO()
-    torch.save(tensors, buf)
-    write_file(run_dir / "head.pt", lambda tmp: tmp.write_bytes(buf.getbuffer()), WRITE_FIX)
-    write_text(run_dir / "head.json", json.dumps({"format": HEAD_FORMAT, **meta}, indent=2),
-               WRITE_FIX)
-    return run_dir
-
-
-def read_head_meta(path: str | Path) -> dict:
-    """The metadata in head.json at `path`, checked: every field a reader of heads relies on is
-    there with its type, else one UserError naming the file, the field and the fix."""
-    path = Path(path)
-    f = Fields(path, "head metadata", RETRAIN)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    return check_head_meta(f.load(text), f)
-
-
-def check_head_meta(meta: dict, f: Fields) -> dict:
-    """The checks of `read_head_meta` on parsed metadata (`f` names the file)."""
-    if meta.get("format") != HEAD_FORMAT:
-        raise UserError(f"{f.path} has head format {meta.get('format')!r}, this tool reads "
-                        f"{HEAD_FORMAT!r}: retrain the head")
-    kind = f.need(meta, "kind", one_of(*HEADS))
-    in_dim = f.need(meta, "in_dim", POSITIVE)
-    n_classes = f.need(meta, "n_classes", POSITIVE)
-    sizes = Check(lambda v: isinstance(v, list) and all(POSITIVE.ok(h) for h in v),
-                  "a list of positive integers")
-    if kind == "mlp":
-        f.need(meta, "hidden", Check(lambda v: sizes.ok(v) and bool(v),
-                                     "a non-empty list of positive integers"))
-        f.need(meta, "activation", one_of(*ACTIVATIONS))
-    else:
-        f.may(meta, "hidden", optional(sizes))
-        f.may(meta, "activation", optional(STRING))
-    f.may(meta, "class_names", optional(Check(
-        lambda v: STRINGS.ok(v) and len(v) == n_classes,
-        f"a list of n_classes ({n_classes}) strings")))
-    for key in ("run_id", "input"):
-        f.may(meta, key, optional(STRING))
-    for key in ("hyperparameters", "config", "standardization", "versions"):
-        f.may(meta, key, optional(OBJECT))
-    for key in ("best_epoch", "weights_epoch"):
-        f.may(meta, key, optional(COUNT))
-    cache = f.may(meta, "cache", optional(OBJECT))
-    if cache is not None:
-        for key in ("backbone", "weights", "weights_sha256", "layer", "precision", "dtype"):
-            f.need(cache, key, NAME, "cache.")
-        for key in ("layer_alias", "pool", "path", "fingerprint"):
-            f.may(cache, key, optional(STRING), "cache.")
-        f.need(cache, "feature_dim", Check(lambda v: v == in_dim,
-                                           f"in_dim ({in_dim}), the width the head takes"),
-               "cache.")
-        mf.check_preprocessing(f, f.need(cache, "preprocessing", OBJECT, "cache."),
-                               "cache.preprocessing.")
-    data = f.may(meta, "data", optional(OBJECT))
-    if data is not None:
-        for key in ("train_rows", "val_rows"):
-            f.may(data, key, optional(COUNT), "data.")
-        val = data.get("val")
-        # Only the kinds this version writes are checked; others are said, not guessed, by
-        # the report (which cannot tell where such validation rows came from).
-        if isinstance(val, dict) and val.get("kind") == "hash_split":
-            f.need(val, "fraction", Check(lambda v: NUMBER.ok(v) and 0 < v < 1,
-                                          "a number in (0, 1)"), "data.val.")
-        elif isinstance(val, dict) and val.get("kind") == "cache":
-            f.need(val, "path", NAME, "data.val.")
-    return meta
-
-
-def load_head(path: str | Path) -> tuple[nn.Module, dict]:
-    """(module in eval mode, metadata) of a saved head: a run folder, its head.pt or head.json.
-
-    The weights are read with torch.load(weights_only=True): no code is unpickled. A damaged
-    head.json or head.pt is one UserError naming the file.
-    """
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    meta_path, weights_path = run_dir / "head.json", run_dir / "head.pt"
-    if not meta_path.is_file() or not weights_path.is_file():
-        raise UserError(f"{path} is not a trained head: expected head.json and head.pt in "
-                         f"{run_dir} (a run folder written by `pipeline train-head`)")
-    meta = read_head_meta(meta_path)
-    module = build_head(meta)
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated zip, not a torch file, unpickling refused, ...
-        raise UserError(f"{weights_path}: damaged head weights ({_reason(e)}): "
-                        f"{RETRAIN}") from None
-    try:
-        module.load_state_dict(state)
-    except Exception as e:   # missing or unexpected tensors, other shapes, not a dict
-        raise UserError(f"{weights_path}: damaged head weights: they do not fit the head "
-                        f"{meta_path.name} describes ({_reason(e)}): {RETRAIN}") from None
-    return module.eval(), meta
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-__all__ = ["HeadStack", "StackedOptimizer", "build_head", "evaluate", "fit_logreg",
-           "fold_standardization", "load_head", "read_head_meta", "save_head"]
+__all__ = ["HeadStack", "StackedOptimizer", "evaluate", "fit_logreg", "fold_standardization"]

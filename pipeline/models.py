@@ -18,7 +18,7 @@ from cache import manifest as mf
 from cache.errors import UserError
 from cache.manifest import NAME, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields, one_of, optional
 
-from .backbone import Preprocessing
+from .preprocessing import Preprocessing
 
 MODEL_FORMAT = "pipeline-model/1"
 SUFFIXES = {"pt2": (".pt2",), "onnx": (".onnx",), "torchvision": (".pth", ".pt")}   # by format
@@ -175,23 +175,31 @@ def _load_onnx(path: Path) -> LoadedModel:
     return LoadedModel(path, "onnx", meta, run)
 
 
+def _not_its_state_dict(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} is not the state_dict its sidecar describes "
+                     f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
+                     "export the model again")
+
+
 def _load_torchvision(path: Path, meta: dict, device: torch.device) -> LoadedModel:
     tv = meta["torchvision"]
     try:
         with torch.device("meta"):   # no random init only to overwrite it
             vgg = torchvision.models.get_model(tv["model"], num_classes=int(tv["num_classes"]),
                                                **(tv.get("kwargs") or {}))
-    except Exception as e:   # an unknown model name, arguments it does not take
+    except (ValueError, TypeError) as e:   # an unknown model name, arguments it does not take
         raise UserError(f"{path.with_suffix('.json')}: damaged model metadata: torchvision "
                         f"cannot build {tv['model']!r} with {tv.get('kwargs') or {}} "
                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
                         f"{REEXPORT}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated zip, not a torch file, unpickling refused, ...
+        raise _not_its_state_dict(path, e) from None
+    try:
         vgg.load_state_dict(state, assign=True)
-    except Exception as e:
-        raise UserError(f"{path} is not the state_dict its sidecar describes "
-                         f"({str(e).splitlines()[0][:200]}): export the model again") from None
+    except (RuntimeError, TypeError) as e:   # other tensors or shapes; not a dict
+        raise _not_its_state_dict(path, e) from None
     vgg.eval().requires_grad_(False).to(device)
     pre = meta["preprocessing"]
 

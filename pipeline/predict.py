@@ -24,11 +24,11 @@ from torchvision.transforms import functional as TF
 from cache.errors import UserError
 
 from ._progress import progress
-from .backbone import to_float_batch
+from .preprocessing import to_float_batch
 from .config import PredictConfig
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
 from .models import REEXPORT, load_model
-from .images import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
+from .sources import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
 
 
 @dataclass

@@ -40,7 +40,7 @@ from cache.errors import UserError
 from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig
-from .heads import load_head, read_head_meta
+from .head_file import load_head, read_head_meta
 from .images import BadImageError, read_image
 from .splits import validation_rows
 

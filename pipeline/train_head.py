@@ -25,7 +25,7 @@ Ranking: by validation accuracy (ties: lower validation loss); without validatio
 head's log loss on the training rows evaluated without dropout or label smoothing (the same
 measure for torch heads and logreg fits).
 
-Records, under RUNS_DIR: <run-id>/head.pt + head.json (load with `heads.load_head`),
+Records, under RUNS_DIR: <run-id>/head.pt + head.json (load with `head_file.load_head`),
 <run-id>/metrics.json (per-epoch train/val loss and accuracy, final metrics), results.csv
 (one row per run, leaderboard order) and summary.json (`TrainSummary.to_json()`). A second
 sweep into the same folder is merged: results.csv and summary.json rank the runs of every sweep

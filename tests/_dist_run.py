@@ -25,7 +25,7 @@ def _patch(mode: str, rank: int) -> None:
         def kill() -> None:
             time.sleep(1.0)           # let the first batch's commit land
             os.kill(os.getpid(), signal.SIGKILL)
-        module._build = failing_build(module, action=kill)
+        module.build_model = failing_build(module, action=kill)
     elif mode == "user-error" and rank == 1:
         def refuse(*args, **kwargs):
             raise UserError("cannot write to /nowhere: choose another -o")

@@ -47,6 +47,6 @@ class FailOnBatch:
 
 
 def failing_build(module, **kwargs):
-    """A stand-in for pipeline.extract's `_build` whose model is wrapped in FailOnBatch."""
-    build = module._build
+    """A stand-in for pipeline.extract's `build_model` whose model is wrapped in FailOnBatch."""
+    build = module.build_model
     return lambda config: (lambda m, i: (FailOnBatch(m, **kwargs), i))(*build(config))

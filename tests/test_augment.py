@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from cache.errors import UserError
 from pipeline.augment import DEFAULT_SPEC, Augment, view_seed
-from pipeline.backbone import Preprocessing
+from pipeline.preprocessing import Preprocessing
 
 PRE = Preprocessing(37, 32, (0.5,) * 3, (0.5,) * 3)
 

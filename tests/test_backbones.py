@@ -18,11 +18,11 @@ from torchvision.transforms._presets import ImageClassification
 from cache import CacheReader
 from cache.errors import UserError
 from cli.main import main
-from pipeline.backbone import build_backbone, list_layers
+from pipeline.backbone import build_backbone, list_layers, load_weights
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.models import load_model
 from pipeline.predict import predict
 from pipeline.train_head import train_head
@@ -191,3 +191,19 @@ def test_image_input_refuses_the_torchvision_format(resnet_run):
     root, _, run = resnet_run
     with pytest.raises(UserError, match="--input image needs --format pt2 or onnx"):
         export(run, root / "m.pth", ExportConfig(format="torchvision", input="image"))
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError("network unreachable"), UserError), (RuntimeError("no pretrained weights"), UserError),
+    (ConnectionError(), UserError), (KeyError("a bug of ours"), KeyError)])
+def test_only_download_errors_become_connect_once(monkeypatch, error, expected):
+    """timm's pretrained weights: offline or missing weights read "connect once"; anything
+    else keeps its traceback."""
+    timm = pytest.importorskip("timm")
+
+    def create_model(name, pretrained=False, **kwargs):
+        raise error
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(expected) as e:
+        load_weights("timm:test_vit", "DEFAULT")
+    assert ("connect once" in str(e.value)) == (expected is UserError)

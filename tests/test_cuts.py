@@ -81,7 +81,7 @@ def test_other_cuts_are_refused_with_the_difference(caches):
 def test_resumed_and_incremental_runs_work_on_every_cut(caches, tmp_path, monkeypatch):
     root, images = caches
     module = sys.modules["pipeline.extract"]
-    monkeypatch.setattr(module, "_build", failing_build(module))
+    monkeypatch.setattr(module, "build_model", failing_build(module))
     out = tmp_path / "m.h5"
     with pytest.raises(RuntimeError, match="simulated failure"):
         extract(images, out, _cfg(layer=",".join(CUTS)))

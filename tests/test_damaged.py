@@ -31,7 +31,7 @@ from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.models import MODEL_FORMAT, load_model
 from pipeline.report import report
 from pipeline.train_head import train_head

@@ -17,7 +17,7 @@ from cache import CacheReader
 from cli.main import main
 from pipeline.config import DemoConfig
 from pipeline.demo import SWEEP, DemoSummary, demo, write_digits
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.report import FIGURES
 
 SMALL = DemoConfig(weights="none", per_class=8, epochs=2, tutorial_steps=1, tutorial_batch=4,

@@ -154,7 +154,7 @@ def test_a_no_op_rerun_builds_no_model(data, tmp_path, monkeypatch):
 
     def no_model(config):
         raise AssertionError("the model was built for an up-to-date cache")
-    monkeypatch.setattr(module, "_build", no_model)
+    monkeypatch.setattr(module, "build_model", no_model)
     summary = extract(images, out, CFG)
     assert summary.up_to_date and summary.manifest["backbone"] == "resnet18"
     assert mf.feature_fingerprint(summary.manifest)

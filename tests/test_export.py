@@ -24,11 +24,11 @@ from torchvision.transforms import functional as TF
 
 from cache import CacheReader
 from cli.main import main
-from pipeline.backbone import Preprocessing, to_float_batch
+from pipeline.preprocessing import Preprocessing, to_float_batch
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export, load_model
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.images import read_image
 from pipeline.predict import predict
 from pipeline.train_head import train_head

@@ -185,12 +185,12 @@ class _FailOnSecondBatch(torch.nn.Module):
 
 def test_failed_runs_stop_the_committer_and_keep_committed_batches(folder, tmp_path, monkeypatch):
     module = sys.modules["pipeline.extract"]
-    build = module._build
+    build = module.build_model
 
     def failing_build(config):
         model, info = build(config)
         return _FailOnSecondBatch(model), info
-    monkeypatch.setattr(module, "_build", failing_build)
+    monkeypatch.setattr(module, "build_model", failing_build)
     cfg = ExtractConfig(**{**CFG.__dict__, "batch_size": 2})
     out = tmp_path / "c.h5"
     for run in (1, 2, 3):   # each run commits one more batch of 2, then fails

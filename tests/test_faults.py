@@ -96,13 +96,13 @@ class _FailingWrites:
 @pytest.fixture
 def built_once(monkeypatch):
     """Each run of a sweep reuses one built backbone (building it is most of a run here)."""
-    build, built = EXTRACT._build, {}
+    build, built = EXTRACT.build_model, {}
 
     def once(config):
         if config.layer not in built:
             built[config.layer] = build(config)
         return built[config.layer]
-    monkeypatch.setattr(EXTRACT, "_build", once)
+    monkeypatch.setattr(EXTRACT, "build_model", once)
 
 
 def _fault_points(monkeypatch, run) -> list[int]:
@@ -309,7 +309,7 @@ SLOW = textwrap.dedent("""
     import sys, time, torch
     import pipeline.extract
     module = sys.modules["pipeline.extract"]
-    build = module._build
+    build = module.build_model
 
     class Slow(torch.nn.Module):
         def __init__(self, inner):
@@ -319,7 +319,7 @@ SLOW = textwrap.dedent("""
         def forward(self, x):
             time.sleep(0.3)
             return self.inner(x)
-    module._build = lambda config: (lambda m, i: (Slow(m), i))(*build(config))
+    module.build_model = lambda config: (lambda m, i: (Slow(m), i))(*build(config))
     from cli.main import main
     main(sys.argv[1:], prog_name="pipeline")
 """)
@@ -593,7 +593,7 @@ def test_damaged_markers_are_refused_naming_the_file(tmp_path, monkeypatch, mark
 def test_summary_counts_stay_true_when_files_change_during_the_run(tmp_path, monkeypatch):
     src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
     other = make_folder(tmp_path / "other", classes=("b",), per_class=6, seed=7)
-    build = EXTRACT._build
+    build = EXTRACT.build_model
 
     class ChangeFilesAtFirstBatch(torch.nn.Module):
         """The first forward pass rewrites the images of class b, read only later."""
@@ -608,7 +608,7 @@ def test_summary_counts_stay_true_when_files_change_during_the_run(tmp_path, mon
                 for i in range(6):
                     shutil.copy(other / "b" / f"{i:03d}.png", src / "b" / f"{i:03d}.png")
             return self.inner(x)
-    monkeypatch.setattr(EXTRACT, "_build",
+    monkeypatch.setattr(EXTRACT, "build_model",
                         lambda config: (lambda m, i: (ChangeFilesAtFirstBatch(m), i))(
                             *build(config)))
     out = tmp_path / "c.h5"

@@ -9,8 +9,8 @@ from torch import nn
 
 from cache.errors import UserError
 from pipeline.config import ACTIVATIONS, OPTIMIZERS
-from pipeline.heads import (HeadStack, StackedOptimizer, build_head, fold_standardization,
-                            load_head, save_head)
+from pipeline.head_file import build_head, load_head, save_head
+from pipeline.heads import HeadStack, StackedOptimizer, fold_standardization
 
 D, C, B = 12, 5, 8
 

@@ -26,15 +26,10 @@ from PIL import Image, ImageFile
 import pipeline.images as images_module
 from cache.errors import UserError
 from pipeline._loading import ImageBatches, digest_or_blank
-from pipeline.backbone import Preprocessing
-from pipeline.images import (
-    BadImageError,
-    NotRegularFileError,
-    decode_image,
-    file_digest,
-    find_images,
-    read_image,
-)
+from pipeline.preprocessing import Preprocessing
+from pipeline.images import (BadImageError, NotRegularFileError, decode_image, file_digest,
+                             read_image)
+from pipeline.sources import find_images
 
 PRE = Preprocessing(resize_size=8, crop_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 NOT_UTF8 = "file or folder name is not valid UTF-8: rename it"
@@ -258,7 +253,7 @@ def test_names_that_are_not_utf8_are_listed_apart(tmp_path: Path, caplog):
     except OSError as e:
         pytest.skip(f"this filesystem refuses names that are not UTF-8: {e}")
     _make_bytes_named(tmp_path / os.fsdecode(b"bad\xfe"), b"x.png", _png_bytes())
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(tmp_path)
     assert images.paths == ("cat/a.png", "dog/c.png")
     assert images.class_names == ("cat", "dog") and images.labels == (0, 1)
@@ -280,7 +275,7 @@ def test_folder_of_only_undecodable_names_is_a_user_error(tmp_path: Path):
 
 def test_list_rows_that_are_not_utf8_are_listed_apart(tmp_path: Path, caplog):
     (tmp_path / "list.csv").write_bytes(b"path,label\na.png,cat\nb\xffad.png,cat\nc.png,caf\xe9\n")
-    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
         images = find_images(tmp_path / "list.csv")
     assert images.paths == ("a.png",) and images.class_names == ("cat",) and images.labels == (0,)
     assert images.unusable == (

@@ -21,7 +21,7 @@ from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.predict import predict
 from pipeline.train_head import train_head
 

@@ -18,7 +18,7 @@ from PIL import Image
 from cache import CacheReader, UserError
 from cli.main import main
 from pipeline.config import ReportConfig, TrainConfig
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.images import file_digest
 from pipeline.report import FIGURES, report
 from pipeline.splits import validation_rows

@@ -26,9 +26,11 @@ from torch import nn
 from cache import CacheReader
 from cache.errors import UserError
 from cli.main import main
-from pipeline.backbone import FrozenBackbone, cut, default_preprocessing
+from pipeline.backbone import FrozenBackbone, cut
+from pipeline.preprocessing import default_preprocessing
 from pipeline.config import TrainConfig
-from pipeline.heads import HeadStack, StackedOptimizer, load_head
+from pipeline.head_file import load_head
+from pipeline.heads import HeadStack, StackedOptimizer
 from pipeline.splits import hash_split
 from pipeline.train_head import _class_weights, train_head
 

@@ -17,11 +17,13 @@ from cache import CacheReader, CacheWriter, partial_path
 from cache.errors import UserError
 from cli.main import main
 from pipeline.augment import Augment
-from pipeline.backbone import Preprocessing, build_backbone, to_float_batch
+from pipeline.backbone import build_backbone
+from pipeline.preprocessing import Preprocessing, to_float_batch
 from pipeline._feature_splits import view_choice
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.extract import extract
-from pipeline.heads import HeadStack, StackedOptimizer, load_head
+from pipeline.head_file import load_head
+from pipeline.heads import HeadStack, StackedOptimizer
 from pipeline.images import read_image
 from pipeline.train_head import train_head
 
@@ -76,7 +78,7 @@ def test_views_resume_and_refuse_other_settings(data, tmp_path, monkeypatch):
     out = tmp_path / "v.h5"
     module = sys.modules["pipeline.extract"]
     # 4 forward passes a batch (one per view): the 5th is the second batch's first.
-    monkeypatch.setattr(module, "_build", failing_build(module, n=5))
+    monkeypatch.setattr(module, "build_model", failing_build(module, n=5))
     with pytest.raises(RuntimeError, match="simulated failure"):
         extract(images, out, _cfg(views=4, augment=SPEC, augment_seed=3))
     with CacheReader(partial_path(out), allow_incomplete=True) as r:
