@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from cache import manifest as mf
 from cache.errors import UserError
-from cache.store import CacheWriter
+from cache.writer import CacheWriter
 
 from ._loading import ImageBatches, collate, default_workers
 from ._progress import progress

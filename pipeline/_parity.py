@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
-from cache.store import CacheReader
+from cache.reader import CacheReader
 
 from .images import BadImageError, read_image
 from .models import LoadedModel
