@@ -47,7 +47,7 @@ from cache.store import CacheReader, fsync_path
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
                        builder_kwargs, final_layer, is_timm, to_float_batch)
-from .config import FORMATS, INPUTS, ExportConfig
+from .config import FORMATS, ExportConfig, validate
 from .heads import load_head
 from .images import BadImageError, read_image
 from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
@@ -173,8 +173,7 @@ class _Stitched(nn.Module):
 def _check_request(config: ExportConfig, output: Path, given: str) -> None:
     """Refuse bad settings and an output that cannot be written, before any heavy work.
     `given` is the output as the user wrote it (a Path drops a trailing slash)."""
-    if config.format not in FORMATS:
-        raise UserError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
+    validate(config)
     suffixes = SUFFIXES[config.format]
     if not given.strip():
         raise UserError(f"the output file name is empty: give one, such as "
@@ -191,14 +190,9 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
         raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}: choose another -o")
-    if config.input not in INPUTS:
-        raise UserError(f"unknown input {config.input!r}: use {' or '.join(INPUTS)}")
     if config.input == "image" and config.format == "torchvision":
         raise UserError("--input image needs --format pt2 or onnx: the torchvision format is a "
                         "plain state_dict of the torchvision model, which takes normalised tensors")
-    if config.parity_check and config.parity_images < 1:
-        raise UserError(f"parity images must be at least 1, got {config.parity_images} "
-                         "(use --no-parity-check to skip the check)")
     if config.format == "onnx":
         try:
             import onnx  # noqa: F401

@@ -44,7 +44,7 @@ from cache.store import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
 from ._progress import progress
-from .config import DTYPES, PRECISIONS, ExtractConfig
+from .config import ExtractConfig, validate
 from .augment import DEFAULT_SPEC, Augment
 from .backbone import Preprocessing, build_backbone, split_layers, to_float_batch
 from ._distributed import Job
@@ -539,8 +539,6 @@ def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
 def _precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
     return name
 
 
@@ -551,12 +549,7 @@ def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
 
 
 def _check_config(config: ExtractConfig) -> None:
-    if config.dtype not in DTYPES:
-        raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
-    if config.batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.views < 1:
-        raise UserError(f"--views {config.views}: use 1 (the plain view) or more")
+    validate(config)
     if config.views > 1 and len(split_layers(config.layer)) > 1:
         raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
                         "augmented views of one cut at a time")
