@@ -26,9 +26,11 @@ _D = defaults(DemoConfig)
               show_default=True, help="Input size (small, so a 2-core CPU finishes quickly).")
 @click.option("--per-class", type=click_type(DemoConfig, "per_class"), default=_D["per_class"],
               help="Use at most this many digits of each class; default: all 1,797 images.")
-@click.option("--epochs", type=click_type(DemoConfig, "epochs"), default=_D["epochs"], show_default=True,
+@click.option("--epochs", type=click_type(DemoConfig, "epochs"),
+              default=_D["epochs"], show_default=True,
               help="Epochs of the linear and mlp heads of the sweep.")
-@click.option("--tutorial-steps", type=click_type(DemoConfig, "tutorial_steps"), default=_D["tutorial_steps"],
+@click.option("--tutorial-steps", type=click_type(DemoConfig, "tutorial_steps"),
+              default=_D["tutorial_steps"],
               show_default=True, help="Training steps timed the tutorial's way (after a warm-up).")
 @click.option("--no-report", "report", is_flag=True, flag_value=False, default=_D["report"],
               help="Skip the figures and report.md.")

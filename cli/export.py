@@ -42,8 +42,9 @@ _P = defaults(PredictConfig)
               default=_E["images_root"],
               help="Folder the cached image paths are relative to now; default: the cache's "
                    "source root.")
-@click.option("--parity-images", type=click_type(ExportConfig, "parity_images"), default=_E["parity_images"],
-              show_default=True, help="Cached images run through the exported model.")
+@click.option("--parity-images", type=click_type(ExportConfig, "parity_images"),
+              default=_E["parity_images"], show_default=True,
+              help="Cached images run through the exported model.")
 @click.option("--no-parity-check", "parity_check", is_flag=True, flag_value=False,
               default=_E["parity_check"],
               help="Export without checking the model against the head on cached images.")
@@ -58,9 +59,10 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
     written to -o.
 
     The model takes a float RGB batch in [0, 1] at the cache's crop size (any batch size), or
-    with --input image decoded uint8 pixels of any size, and returns logits; class names and preprocessing travel with it. Before the file is written
-    under its name, the model is run on images the cache holds and must reproduce the head's
-    logits on the cached features (the largest difference is reported).
+    with --input image decoded uint8 pixels of any size, and returns logits; class names and
+    preprocessing travel with it. Before the file is written under its name, the model is run
+    on images the cache holds and must reproduce the head's logits on the cached features
+    (the largest difference is reported).
     """
     from pipeline.export import export
 
@@ -78,15 +80,17 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
 @click.command("predict")
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click_type(PredictConfig, "top_k"), default=_P["top_k"], show_default=True,
+@click.option("--top-k", type=click_type(PredictConfig, "top_k"), default=_P["top_k"],
+              show_default=True,
               help="Classes reported per image, most probable first.")
 @click.option("--format", "out_format", type=click.Choice(["table", "csv", "json"]),
               default="table", show_default=True, help="Output format.")
 @click.option("-o", "--output", type=str, default=None, callback=output_file("predictions.csv"),
               metavar="FILE", help="Write the predictions to this file instead of stdout.")
-@click.option("--batch-size", type=click_type(PredictConfig, "batch_size"), default=_P["batch_size"],
-              show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=click_type(PredictConfig, "workers"), default=_P["workers"], show_default=True,
+@click.option("--batch-size", type=click_type(PredictConfig, "batch_size"),
+              default=_P["batch_size"], show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=click_type(PredictConfig, "workers"), default=_P["workers"],
+              show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_P["device"], show_default=True,
               help="auto (CUDA when there is one), cpu, cuda or cuda:N. pt2 and torchvision "

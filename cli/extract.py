@@ -28,10 +28,12 @@ _D = defaults(ExtractConfig)
               help="Cut: penultimate (the input of the final classification layer; VGG: fc7 "
                    "after its ReLU, the tutorial's), a node name from --list-layers, or VGG's "
                    "fc7, fc6, pool5.")
-@click.option("--pool", type=click_type(ExtractConfig, "pool"), default=_D["pool"], show_default=True,
+@click.option("--pool", type=click_type(ExtractConfig, "pool"),
+              default=_D["pool"], show_default=True,
               help="Spatial outputs: flatten every value, or avg (mean over positions/tokens "
                    "to one value per channel).")
-@click.option("--views", type=click_type(ExtractConfig, "views"), default=_D["views"], show_default=True,
+@click.option("--views", type=click_type(ExtractConfig, "views"),
+              default=_D["views"], show_default=True,
               help="Views cached per image: view 0 is the plain preprocessing, views 1..K-1 "
                    "are augmented by --augment (K x the storage; train-head draws one per epoch).")
 @click.option("--augment", default=_D["augment"], metavar="SPEC",
@@ -45,10 +47,12 @@ _D = defaults(ExtractConfig)
 @click.option("--image-size", type=click_type(ExtractConfig, "image_size"),
               default=_D["image_size"],
               help="Input crop size; default: the weights' own (224).")
-@click.option("--batch-size", type=click_type(ExtractConfig, "batch_size"), default=_D["batch_size"],
+@click.option("--batch-size", type=click_type(ExtractConfig, "batch_size"),
+              default=_D["batch_size"],
               show_default=True,
               help="Images per forward pass and per committed batch.")
-@click.option("--workers", type=click_type(ExtractConfig, "workers"), default=_D["workers"], show_default=True,
+@click.option("--workers", type=click_type(ExtractConfig, "workers"),
+              default=_D["workers"], show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click_type(ExtractConfig, "dtype"), default=_D["dtype"],
@@ -61,7 +65,8 @@ _D = defaults(ExtractConfig)
 @click.option("--rehash", is_flag=True,
               help="Hash every image again; by default an image whose size and modification "
                    "time are unchanged keeps its recorded digest (a stat, not a read).")
-@click.option("--dist-timeout", type=click_type(ExtractConfig, "dist_timeout"), default=_D["dist_timeout"],
+@click.option("--dist-timeout", type=click_type(ExtractConfig, "dist_timeout"),
+              default=_D["dist_timeout"],
               show_default=True,
               help="Under torchrun: seconds a rank waits for the others at a meeting point "
                    "before failing with the ranks that did not come.")

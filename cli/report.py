@@ -25,7 +25,8 @@ _D = defaults(ReportConfig)
               default=_D["images_root"],
               help="Folder the cached image paths are relative to now; default: the cache's "
                    "source root.")
-@click.option("--misclassified", type=click_type(ReportConfig, "misclassified"), default=_D["misclassified"],
+@click.option("--misclassified", type=click_type(ReportConfig, "misclassified"),
+              default=_D["misclassified"],
               show_default=True, help="Images in the grid of the most confident mistakes.")
 @click.option("--leaderboard-rows", type=click_type(ReportConfig, "leaderboard_rows"),
               default=_D["leaderboard_rows"],

@@ -130,7 +130,8 @@ def _axis(name: str, item, help: str, metavar="A,B"):
 @_axis("label_smoothing", float, "Label smoothing of the cross-entropy.", metavar="EPS,...")
 @_axis("seed", int, "Head initialisation seeds.", metavar="SEED,...")
 @_axis("C", float, "logreg inverse regularisation strengths.", metavar="C,...")
-@click.option("--epochs", type=click_type(TrainConfig, "epochs"), default=_D["epochs"], show_default=True,
+@click.option("--epochs", type=click_type(TrainConfig, "epochs"),
+              default=_D["epochs"], show_default=True,
               help="Passes over the training rows.")
 @click.option("--batch-size", type=click_type(TrainConfig, "batch_size"), default=_D["batch_size"],
               show_default=True, help="Rows per step.")
@@ -153,10 +154,12 @@ def _axis(name: str, item, help: str, metavar="A,B"):
                    "accuracy (ties: lower loss) and keep its best epoch; 0: off.")
 @click.option("--data-seed", type=int, default=_D["data_seed"], show_default=True,
               help="Seed of the batch order and dropout noise, shared by all heads.")
-@click.option("--shuffle-chunks", type=click_type(TrainConfig, "shuffle_chunks"), default=_D["shuffle_chunks"],
+@click.option("--shuffle-chunks", type=click_type(TrainConfig, "shuffle_chunks"),
+              default=_D["shuffle_chunks"],
               show_default=True,
               help="Shuffle window in HDF5 chunks; 0: every chunk that fits in --max-memory.")
-@click.option("--max-memory", type=_Size(rule_of(TrainConfig, "max_memory")), default=_D["max_memory"],
+@click.option("--max-memory", type=_Size(rule_of(TrainConfig, "max_memory")),
+              default=_D["max_memory"],
               show_default=size_text(_D["max_memory"]),
               help="Features held in RAM at most (4G, 512M); a larger cache is streamed from "
                    "HDF5 in shuffled whole chunks.")
@@ -164,7 +167,8 @@ def _axis(name: str, item, help: str, metavar="A,B"):
               help="linear and mlp heads: train on features standardized with the training "
                    "rows' per-feature mean and std (folded into the saved head, which takes "
                    "raw features).")
-@click.option("--logreg-max-iter", type=click_type(TrainConfig, "logreg_max_iter"), default=_D["logreg_max_iter"],
+@click.option("--logreg-max-iter", type=click_type(TrainConfig, "logreg_max_iter"),
+              default=_D["logreg_max_iter"],
               show_default=True, help="lbfgs iterations per logreg fit.")
 @click.option("--logreg-standardize/--no-logreg-standardize", default=_D["logreg_standardize"],
               show_default=True, help="Fit logreg on standardized features (folded into the "

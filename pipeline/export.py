@@ -305,7 +305,8 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
         "model_format": fmt,
         "class_names": names,
         "input": ({"kind": "tensor", "shape": ["N", 3, s, s], "dtype": "float32",
-                   "range": [0.0, 1.0], "channels": "RGB", "normalized_inside": fmt != "torchvision"}
+                   "range": [0.0, 1.0], "channels": "RGB",
+                   "normalized_inside": fmt != "torchvision"}
                   if config.input == "tensor" else
                   {"kind": "image", "shape": ["N", 3, "H", "W"], "dtype": "uint8",
                    "range": [0, 255], "channels": "RGB", "resized_inside": True,
@@ -347,9 +348,10 @@ def _example(model: _Stitched, meta: dict) -> tuple[torch.Tensor, dict]:
 # torch.export.save aborts the whole process (a C++ abort, exit 134) when the disk fills up
 # under it, which no Python handler can turn into a message: so the free space is checked
 # before any format is written, in the temporary folder beside the output where the file is
-# written (the same filesystem as the output, so the space checked is the space used). Each format holds every parameter and buffer once (the .pt2
-# archive stores them uncompressed, ONNX as initializers, torchvision as a state_dict), plus
-# the graph and metadata: the tensors' bytes with a relative and an absolute margin.
+# written (the same filesystem as the output, so the space checked is the space used). Each
+# format holds every parameter and buffer once (the .pt2 archive stores them uncompressed, ONNX
+# as initializers, torchvision as a state_dict), plus the graph and metadata: the tensors' bytes
+# with a relative and an absolute margin.
 _SPACE_MARGIN = (1.05, 16 * 2**20)
 
 

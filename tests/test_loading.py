@@ -29,7 +29,8 @@ def test_a_gpu_index_past_the_machines_is_one_line(two_gpus):
 
 @pytest.mark.parametrize("name", ["cuda:x", "gpu", "cuda:", "cuda:-1", "mps", " cpu"])
 def test_malformed_names_are_one_line(two_gpus, name):
-    with pytest.raises(UserError, match=rf"^unknown device {name!r}: use auto, cpu, cuda or cuda:N$"):
+    with pytest.raises(UserError,
+                       match=rf"^unknown device {name!r}: use auto, cpu, cuda or cuda:N$"):
         resolve_device(name)
 
 

@@ -144,7 +144,7 @@ def test_batched_sweep_equals_heads_trained_one_by_one(cache, tmp_path):
         assert alone.leaderboard[0]["val_acc"] == pytest.approx(metrics[run_id]["val_acc"])
 
 
-def test_the_issue_example_is_24_experiments(cache, tmp_path):
+def test_the_help_example_is_24_experiments(cache, tmp_path):
     cfg = TrainConfig(lr=(1e-3, 1e-2), weight_decay=(0.0, 1e-4), dropout=(0.0, 0.5), seed=(0, 1, 2),
                       epochs=1, batch_size=32)
     summary = train_head(cache, tmp_path / "runs", cfg)
