@@ -8,6 +8,7 @@ Torch-free, so the command line can build its options without importing torch.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -44,9 +45,9 @@ class Interval:
         """None if `value` is allowed, else what to use instead ("use an integer >= 1")."""
         if value is None and self.none:
             return None
-        number = (int,) if self.kind is int else (int, float)
+        number = numbers.Integral if self.kind is int else numbers.Real   # numpy's too
         if (isinstance(value, bool) or not isinstance(value, number)
-                or (isinstance(value, float) and not math.isfinite(value))
+                or not math.isfinite(value)
                 or (self.low is not None and (value <= self.low if self.low_open
                                               else value < self.low))
                 or (self.high is not None and (value >= self.high if self.high_open
@@ -189,7 +190,7 @@ class TrainConfig:
         "head": Options(HEADS), "activation": Options(ACTIVATIONS),
         "optimizer": Options(OPTIMIZERS), "lr": Interval(float, 0, low_open=True),
         "weight_decay": Interval(float, 0), "dropout": Interval(float, 0, 1, high_open=True),
-        "label_smoothing": Interval(float, 0, 1, high_open=True),
+        "label_smoothing": Interval(float, 0, 1, high_open=True), "seed": Interval(int),
         "C": Interval(float, 0, low_open=True),
         "epochs": Interval(int, 1), "batch_size": Interval(int, 1),
         "momentum": Interval(float, 0, 1), "schedule": Options(SCHEDULES),
