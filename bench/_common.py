@@ -6,6 +6,7 @@ and reports medians and ratios: the machine is shared and its load changes from 
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import os
@@ -168,12 +169,21 @@ def paired(times: dict[str, list[float]], case: str, base: str) -> float:
     return median([a / b for a, b in zip(times[case], times[base])])
 
 
-def add_threads_option(ap) -> None:
-    """--threads: torch intra-op threads (0: torch's default, one per core)."""
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads; 0: torch's default (one per core). On a shared machine "
-                         "whose cores are busy, 1 avoids stalls of ~20 ms per op while a "
-                         "parallel region waits for a descheduled thread")
+def bench_parser(doc: str, repeats: int | None = None, threads: int | None = 0
+                 ) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script: its docstring as --help, --repeats (alternated
+    rounds, if `repeats` is given: its default) and --threads (torch intra-op threads, if
+    `threads` is given: its default, 0 for torch's own); `apply_threads` applies the latter."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats,
+                        help="alternated rounds of every case (medians are reported)")
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads,
+                        help="torch threads; 0: torch's default (one per core). On a shared "
+                             "machine whose cores are busy, 1 avoids stalls of ~20 ms per op "
+                             "while a parallel region waits for a descheduled thread")
+    return ap
 
 
 def apply_threads(args) -> None:

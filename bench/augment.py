@@ -20,7 +20,6 @@ the sweep's epochs and heads) against extracting K views once and training the s
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from bench._common import (EpochTimes, add_threads_option, apply_threads, machine,  # noqa: E402
+from bench._common import (EpochTimes, bench_parser, apply_threads, machine,  # noqa: E402
                            quiet, scratch, table)
 from pipeline.augment import DEFAULT_SPEC, Augment  # noqa: E402
 from pipeline.backbone import build_backbone  # noqa: E402
@@ -94,11 +93,10 @@ def tutorial_seconds_per_image(train: Path, steps: int = 3, batch: int = 32) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--per-class", type=int, default=15)
     ap.add_argument("--views", default="1,4,8,16")
     ap.add_argument("--epochs", type=int, default=30)
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()

@@ -15,7 +15,6 @@ Also the largest logit difference of each against eager on that batch, and expor
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
 import torch  # noqa: E402
 
-from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
+from bench._common import (alternate, bench_parser, apply_threads, machine,  # noqa: E402
                            median, paired, quiet, scratch, spread, table)
 from bench.extract import make_images  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
@@ -92,10 +91,8 @@ def _call(fn, x):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=5)
     ap.add_argument("--configs", default="64x32,224x8", help="SIZExBATCH, comma-separated")
-    ap.add_argument("--repeats", type=int, default=5)
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()

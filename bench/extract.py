@@ -25,7 +25,6 @@ gap: decode only (read_image + the weights' preprocessing, one process) and writ
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
+from bench._common import (alternate, bench_parser, apply_threads, machine,  # noqa: E402
                            median, paired, quiet, scratch, spread, table)
 from cache import CacheWriter, partial_path  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
@@ -56,16 +55,14 @@ def make_images(root: Path, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=3)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backbone", default="vgg16")
     ap.add_argument("--layer", default="penultimate")
     ap.add_argument("--cuts", default=None, help="compare one pass over these cuts (fc6,fc7,pool5) "
                                                  "against them one by one")
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()

@@ -12,7 +12,6 @@ Random-init weights (no download).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
-from bench._common import alternate, machine, median, quiet, scratch, table  # noqa: E402
+from bench._common import (alternate, bench_parser, machine, median, quiet,  # noqa: E402
+                           scratch, table)
 from bench.extract import make_images  # noqa: E402
 from cache import CacheReader  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
@@ -60,13 +60,12 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=2, threads=None)
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--repeats", type=int, default=2, help="alternated rounds (medians)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("no CUDA GPU visible to torch: run on a GPU machine, or --device cpu for a dry run")

@@ -10,7 +10,6 @@ linear and logreg heads. This is what export's parity tolerance for image input 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import apply_threads, bench_parser  # noqa: E402
 from cache import CacheReader  # noqa: E402
 from pipeline.config import ExportConfig, ExtractConfig, TrainConfig  # noqa: E402
 from pipeline.demo import write_digits  # noqa: E402
@@ -75,10 +75,9 @@ def measure(source: Path, work: Path, backbone: str, layer: str, size: int) -> l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap = bench_parser(__doc__.splitlines()[0], threads=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         digits, _ = write_digits(tmp / "digits", per_class=8)

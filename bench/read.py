@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
 import numpy as np  # noqa: E402
 
-from bench._common import (EpochTimes, add_threads_option, alternate, apply_threads,  # noqa: E402
+from bench._common import (EpochTimes, bench_parser, alternate, apply_threads,  # noqa: E402
                            machine, median, paired, peak_rss_bytes, quiet, scratch, spread,
                            synthetic_cache, table)
 from cache import CacheReader  # noqa: E402
@@ -64,15 +64,13 @@ def child(cache: Path, runs: Path, max_memory: int | None) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=5)
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bound-mib", type=int, default=32, help="--max-memory of the streamed case")
     ap.add_argument("--child", nargs=3, metavar=("CACHE", "RUNS", "MAX_MEMORY"),
                     help=argparse.SUPPRESS)
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     if args.child:

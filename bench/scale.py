@@ -20,7 +20,6 @@ medians of per-round ratios.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -32,8 +31,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/,
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench._common import (alternate, machine, median, paired, quiet, scratch,  # noqa: E402
-                           spread, table)
+from bench._common import (alternate, bench_parser, machine, median, paired,  # noqa: E402
+                           quiet, scratch, spread, table)
 from bench.extract import make_images  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
 
@@ -150,10 +149,9 @@ def rerun_table(args, tmp: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=3, threads=None)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small-images", type=int, default=20000)
     ap.add_argument("--only", choices=("ranks", "rerun"))
     args = ap.parse_args()

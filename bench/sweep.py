@@ -39,7 +39,6 @@ that lr and decay reach with each of the 4 seeds.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -49,7 +48,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/,
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import (EpochTimes, add_threads_option, alternate, apply_threads,  # noqa: E402
+from bench._common import (EpochTimes, bench_parser, alternate, apply_threads,  # noqa: E402
                            machine, median, paired, quiet, scratch, spread,
                            synthetic_cache, table)
 from cache import CacheReader  # noqa: E402
@@ -76,14 +75,12 @@ def c_values(k: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=4)
     ap.add_argument("--rows", type=int, default=20000, help="training rows")
     ap.add_argument("--val-rows", type=int, default=2000)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=4)
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()

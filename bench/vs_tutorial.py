@@ -27,7 +27,6 @@ rounds. The 32-experiment tutorial sweep is 32 x the measured time of one experi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -44,7 +43,7 @@ from torch import nn, optim  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
 
-from bench._common import (add_threads_option, alternate, apply_threads, machine,  # noqa: E402
+from bench._common import (alternate, bench_parser, apply_threads, machine,  # noqa: E402
                            median, quiet, scratch, spread, table)
 from cache import CacheReader  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
@@ -120,7 +119,7 @@ class Tutorial:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=3)
     ap.add_argument("--images", type=int, default=500, help="digits used (4/5 train, 1/5 val)")
     ap.add_argument("--size", type=int, default=32, help="VGG input crop in px")
     ap.add_argument("--epochs", type=int, default=4)
@@ -131,8 +130,6 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     ap.add_argument("--weights", default="none",
                     help="none (random init, no download) or a weights name/file, e.g. DEFAULT")
-    ap.add_argument("--repeats", type=int, default=3)
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()

@@ -8,27 +8,29 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DemoConfig
+from pipeline.config import DEMO_OUT, DemoConfig
 
-from .main_helpers import defaults, fail_on_user_error
+from .main_helpers import click_type, defaults, fail_on_user_error
 
 _D = defaults(DemoConfig)
 
 
 @click.command("demo")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
-              default="demo-out", show_default=True,
+              default=DEMO_OUT, show_default=True,
               help="Folder for the images, caches, runs, model and report.")
 @click.option("--weights", default=_D["weights"],
               help="Backbone weights (a torchvision weights name, a local .pth, or 'none'); "
                    "default: ImageNet weights if already in torchvision's cache, else random init.")
-@click.option("--image-size", type=click.IntRange(min=32), default=_D["image_size"],
+@click.option("--image-size", type=click_type(DemoConfig, "image_size"), default=_D["image_size"],
               show_default=True, help="Input size (small, so a 2-core CPU finishes quickly).")
-@click.option("--per-class", type=click.IntRange(min=2), default=_D["per_class"],
+@click.option("--per-class", type=click_type(DemoConfig, "per_class"), default=_D["per_class"],
               help="Use at most this many digits of each class; default: all 1,797 images.")
-@click.option("--epochs", type=click.IntRange(min=1), default=_D["epochs"], show_default=True,
+@click.option("--epochs", type=click_type(DemoConfig, "epochs"),
+              default=_D["epochs"], show_default=True,
               help="Epochs of the linear and mlp heads of the sweep.")
-@click.option("--tutorial-steps", type=click.IntRange(min=1), default=_D["tutorial_steps"],
+@click.option("--tutorial-steps", type=click_type(DemoConfig, "tutorial_steps"),
+              default=_D["tutorial_steps"],
               show_default=True, help="Training steps timed the tutorial's way (after a warm-up).")
 @click.option("--no-report", "report", is_flag=True, flag_value=False, default=_D["report"],
               help="Skip the figures and report.md.")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import FORMATS, INPUTS, ExportConfig, PredictConfig
+from pipeline.config import ExportConfig, PredictConfig
 
-from .main_helpers import defaults, fail_on_user_error, output_file
+from .main_helpers import click_type, defaults, fail_on_user_error, output_file
 
 _E = defaults(ExportConfig)
 _P = defaults(PredictConfig)
@@ -23,12 +23,12 @@ _P = defaults(PredictConfig)
               metavar="FILE",
               help="The model file: MODEL.pt2, MODEL.onnx, or MODEL.pth (+ MODEL.json) for "
                    "--format torchvision.")
-@click.option("--format", "format", type=click.Choice(FORMATS), default=_E["format"],
+@click.option("--format", "format", type=click_type(ExportConfig, "format"), default=_E["format"],
               show_default=True,
               help="pt2: torch.export archive (unpickles code when loaded: treat it as code); "
                    "onnx: ONNX with a dynamic batch (needs the onnx extra); torchvision: a "
                    "state_dict for torchvision's VGG(num_classes=C) (fc7 cut, linear head).")
-@click.option("--input", "input", type=click.Choice(INPUTS), default=_E["input"],
+@click.option("--input", "input", type=click_type(ExportConfig, "input"), default=_E["input"],
               show_default=True,
               help="tensor: the model takes (N, 3, S, S) float in [0, 1], preprocessed; image: "
                    "(N, 3, H, W) uint8 decoded RGB pixels of any size, resized, cropped and "
@@ -42,8 +42,9 @@ _P = defaults(PredictConfig)
               default=_E["images_root"],
               help="Folder the cached image paths are relative to now; default: the cache's "
                    "source root.")
-@click.option("--parity-images", type=click.IntRange(min=1), default=_E["parity_images"],
-              show_default=True, help="Cached images run through the exported model.")
+@click.option("--parity-images", type=click_type(ExportConfig, "parity_images"),
+              default=_E["parity_images"], show_default=True,
+              help="Cached images run through the exported model.")
 @click.option("--no-parity-check", "parity_check", is_flag=True, flag_value=False,
               default=_E["parity_check"],
               help="Export without checking the model against the head on cached images.")
@@ -58,9 +59,10 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
     written to -o.
 
     The model takes a float RGB batch in [0, 1] at the cache's crop size (any batch size), or
-    with --input image decoded uint8 pixels of any size, and returns logits; class names and preprocessing travel with it. Before the file is written
-    under its name, the model is run on images the cache holds and must reproduce the head's
-    logits on the cached features (the largest difference is reported).
+    with --input image decoded uint8 pixels of any size, and returns logits; class names and
+    preprocessing travel with it. Before the file is written under its name, the model is run
+    on images the cache holds and must reproduce the head's logits on the cached features
+    (the largest difference is reported).
     """
     from pipeline.export import export
 
@@ -78,15 +80,17 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
 @click.command("predict")
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=_P["top_k"], show_default=True,
+@click.option("--top-k", type=click_type(PredictConfig, "top_k"), default=_P["top_k"],
+              show_default=True,
               help="Classes reported per image, most probable first.")
 @click.option("--format", "out_format", type=click.Choice(["table", "csv", "json"]),
               default="table", show_default=True, help="Output format.")
 @click.option("-o", "--output", type=str, default=None, callback=output_file("predictions.csv"),
               metavar="FILE", help="Write the predictions to this file instead of stdout.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_P["batch_size"],
-              show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=_P["workers"], show_default=True,
+@click.option("--batch-size", type=click_type(PredictConfig, "batch_size"),
+              default=_P["batch_size"], show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=click_type(PredictConfig, "workers"), default=_P["workers"],
+              show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_P["device"], show_default=True,
               help="auto (CUDA when there is one), cpu, cuda or cuda:N. pt2 and torchvision "

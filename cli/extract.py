@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DTYPES, POOLS, PRECISIONS, ExtractConfig
+from pipeline.config import ExtractConfig
 
-from .main_helpers import defaults, fail_on_user_error
+from .main_helpers import click_type, defaults, fail_on_user_error
 
 _D = defaults(ExtractConfig)
 
@@ -28,10 +28,12 @@ _D = defaults(ExtractConfig)
               help="Cut: penultimate (the input of the final classification layer; VGG: fc7 "
                    "after its ReLU, the tutorial's), a node name from --list-layers, or VGG's "
                    "fc7, fc6, pool5.")
-@click.option("--pool", type=click.Choice(POOLS), default=_D["pool"], show_default=True,
+@click.option("--pool", type=click_type(ExtractConfig, "pool"),
+              default=_D["pool"], show_default=True,
               help="Spatial outputs: flatten every value, or avg (mean over positions/tokens "
                    "to one value per channel).")
-@click.option("--views", type=click.IntRange(min=1), default=_D["views"], show_default=True,
+@click.option("--views", type=click_type(ExtractConfig, "views"),
+              default=_D["views"], show_default=True,
               help="Views cached per image: view 0 is the plain preprocessing, views 1..K-1 "
                    "are augmented by --augment (K x the storage; train-head draws one per epoch).")
 @click.option("--augment", default=_D["augment"], metavar="SPEC",
@@ -42,16 +44,20 @@ _D = defaults(ExtractConfig)
               help="Seeds every view, with the image's content digest and the view number.")
 @click.option("--list-layers", is_flag=True,
               help="Print the cut names of --backbone (named cuts, then every graph node) and exit.")
-@click.option("--image-size", type=click.IntRange(min=32), default=None,
+@click.option("--image-size", type=click_type(ExtractConfig, "image_size"),
+              default=_D["image_size"],
               help="Input crop size; default: the weights' own (224).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"], show_default=True,
+@click.option("--batch-size", type=click_type(ExtractConfig, "batch_size"),
+              default=_D["batch_size"],
+              show_default=True,
               help="Images per forward pass and per committed batch.")
-@click.option("--workers", type=int, default=_D["workers"], show_default=True,
+@click.option("--workers", type=click_type(ExtractConfig, "workers"),
+              default=_D["workers"], show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=_D["dtype"],
+@click.option("--dtype", type=click_type(ExtractConfig, "dtype"), default=_D["dtype"],
               show_default=True, help="Storage dtype of the features.")
-@click.option("--precision", type=click.Choice(PRECISIONS),
+@click.option("--precision", type=click_type(ExtractConfig, "precision"),
               default=_D["precision"], show_default=True,
               help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
 @click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
@@ -59,7 +65,8 @@ _D = defaults(ExtractConfig)
 @click.option("--rehash", is_flag=True,
               help="Hash every image again; by default an image whose size and modification "
                    "time are unchanged keeps its recorded digest (a stat, not a read).")
-@click.option("--dist-timeout", type=click.FloatRange(min=1), default=_D["dist_timeout"],
+@click.option("--dist-timeout", type=click_type(ExtractConfig, "dist_timeout"),
+              default=_D["dist_timeout"],
               show_default=True,
               help="Under torchrun: seconds a rank waits for the others at a meeting point "
                    "before failing with the ranks that did not come.")

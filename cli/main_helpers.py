@@ -9,11 +9,33 @@ from pathlib import Path
 import click
 
 from cache.errors import UserError
+from pipeline.config import Interval, Options, rule_of
 
 
 def defaults(config_cls) -> dict:
     """Field defaults of a config dataclass: the one place defaults live."""
     return {f.name: f.default for f in dataclasses.fields(config_cls)}
+
+
+def click_type(config_cls, name: str):
+    """The click type of a config field, derived from its allowed values (`constraints`):
+    Choice for options, IntRange/FloatRange for intervals."""
+    rule = rule_of(config_cls, name)
+    if isinstance(rule, Options):
+        return click.Choice(rule.values)
+    if not isinstance(rule, Interval):
+        raise TypeError(f"{config_cls.__name__}.{name} has no range or options")
+    ranged = click.IntRange if rule.kind is int else click.FloatRange
+    return ranged(rule.low, rule.high, min_open=rule.low_open, max_open=rule.high_open)
+
+
+def size_text(size: int) -> str:
+    """A byte count as the shortest exact K/M/G/T text: 4 * 2**30 -> 4G."""
+    for unit in "TGMK":
+        scale = 2 ** (10 * ("KMGT".index(unit) + 1))
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
 
 
 def fail_on_user_error(fn):

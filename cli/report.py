@@ -7,7 +7,7 @@ import click
 
 from pipeline.config import ReportConfig
 
-from .main_helpers import defaults, fail_on_user_error, output_folder
+from .main_helpers import click_type, defaults, fail_on_user_error, output_folder
 
 _D = defaults(ReportConfig)
 
@@ -25,11 +25,13 @@ _D = defaults(ReportConfig)
               default=_D["images_root"],
               help="Folder the cached image paths are relative to now; default: the cache's "
                    "source root.")
-@click.option("--misclassified", type=click.IntRange(min=0), default=_D["misclassified"],
+@click.option("--misclassified", type=click_type(ReportConfig, "misclassified"),
+              default=_D["misclassified"],
               show_default=True, help="Images in the grid of the most confident mistakes.")
-@click.option("--leaderboard-rows", type=click.IntRange(min=1), default=_D["leaderboard_rows"],
+@click.option("--leaderboard-rows", type=click_type(ReportConfig, "leaderboard_rows"),
+              default=_D["leaderboard_rows"],
               show_default=True, help="Rows of the leaderboard table in report.md.")
-@click.option("--dpi", type=click.IntRange(min=20), default=_D["dpi"], show_default=True,
+@click.option("--dpi", type=click_type(ReportConfig, "dpi"), default=_D["dpi"], show_default=True,
               help="Resolution of the PNG figures.")
 @fail_on_user_error
 def report_command(runs_dir: Path, output: Path | None, cache: Path | None,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
+from pipeline.config import Options, TrainConfig, rule_of
 
-from .main_helpers import defaults, fail_on_user_error, output_folder
+from .main_helpers import click_type, defaults, fail_on_user_error, output_folder, size_text
 
 _D = defaults(TrainConfig)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -19,8 +19,11 @@ class _List(click.ParamType):
     """A comma-separated list, each item converted by `item` (a sweep axis)."""
     name = "list"
 
-    def __init__(self, item, choices: tuple[str, ...] | None = None, metavar: str = "A,B"):
-        self.item, self.choices, self.metavar = item, choices, metavar
+    def __init__(self, item, rule=None, metavar: str = "A,B"):
+        # Choices come from the field's Options; number ranges are checked by the library, whose
+        # one-line message names the option and says "finite" for inf and nan.
+        self.item, self.metavar = item, metavar
+        self.choices = rule.values if isinstance(rule, Options) else None
 
     def get_metavar(self, param, ctx=None) -> str:
         return self.metavar
@@ -42,8 +45,11 @@ class _List(click.ParamType):
 
 
 class _Size(click.ParamType):
-    """A byte count: 4G, 512M, 1.5GiB, 1000000 (K/M/G/T are powers of 1024)."""
+    """A byte count: 4G, 512M, 1.5GiB, 1000000 (K/M/G/T are powers of 1024), within `rule`."""
     name = "size"
+
+    def __init__(self, rule):
+        self.rule = rule
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
@@ -53,15 +59,18 @@ class _Size(click.ParamType):
         if not m:
             self.fail(f"{value!r} is not a size such as 4G, 512M or 1000000", param, ctx)
         size = int(float(m.group(1)) * _UNITS[m.group(2)])
-        if size < 1:
+        if self.rule.error(size):
             self.fail(f"{value!r} is less than one byte: give a size such as 4G or 512M",
                       param, ctx)
         return size
 
 
 class _Views(click.ParamType):
-    """all, or a number of views >= 1."""
+    """all, or a number of views within `rule`."""
     name = "views"
+
+    def __init__(self, rule):
+        self.rule = rule
 
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, int):
@@ -72,7 +81,7 @@ class _Views(click.ParamType):
             n = int(value)
         except ValueError:
             n = 0
-        if n < 1:
+        if self.rule.error(n):
             self.fail(f"{value!r} is not 'all' or a number of views >= 1", param, ctx)
         return n
 
@@ -89,8 +98,9 @@ def _shown(values) -> str:
                     if isinstance(v, float) else str(v) for v in values)
 
 
-def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
-    return click.option(f"--{name.replace('_', '-')}", name, type=_List(item, choices, metavar),
+def _axis(name: str, item, help: str, metavar="A,B"):
+    return click.option(f"--{name.replace('_', '-')}", name,
+                        type=_List(item, rule_of(TrainConfig, name), metavar),
                         default=_D[name], show_default=_shown(_D[name]), help=help)
 
 
@@ -101,18 +111,18 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
               help="Folder for the runs (RUNS/<run-id>/), results.csv and summary.json.")
 @click.option("--val", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Validation cache (same backbone, weights, cut, preprocessing and classes).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--val-fraction", type=click_type(TrainConfig, "val_fraction"),
               default=_D["val_fraction"], show_default=True,
               help="Without --val: hold out this fraction of TRAIN for validation, chosen by a "
                    "hash of each image path (adding images never moves old ones); 0: none.")
 @click.option("--test", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Test cache: measured for every head, never used to pick one.")
 @_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
-       "(scikit-learn LogisticRegression).", HEADS, "KIND,...")
+       "(scikit-learn LogisticRegression).", "KIND,...")
 @_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
        metavar="H[xH],...")
-@_axis("activation", str, "mlp activations.", ACTIVATIONS, "ACT,...")
-@_axis("optimizer", str, "Optimizers: adamw, sgd (with --momentum).", OPTIMIZERS, "OPT,...")
+@_axis("activation", str, "mlp activations.", "ACT,...")
+@_axis("optimizer", str, "Optimizers: adamw, sgd (with --momentum).", "OPT,...")
 @_axis("lr", float, "Learning rates.", metavar="LR,...")
 @_axis("weight_decay", float, "Weight decays (decoupled for adamw, L2 for sgd).", metavar="WD,...")
 @_axis("dropout", float, "Dropout on the input features (and mlp hidden layers); 0.5 brings back "
@@ -120,37 +130,45 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @_axis("label_smoothing", float, "Label smoothing of the cross-entropy.", metavar="EPS,...")
 @_axis("seed", int, "Head initialisation seeds.", metavar="SEED,...")
 @_axis("C", float, "logreg inverse regularisation strengths.", metavar="C,...")
-@click.option("--epochs", type=click.IntRange(min=1), default=_D["epochs"], show_default=True,
+@click.option("--epochs", type=click_type(TrainConfig, "epochs"),
+              default=_D["epochs"], show_default=True,
               help="Passes over the training rows.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"],
+@click.option("--batch-size", type=click_type(TrainConfig, "batch_size"), default=_D["batch_size"],
               show_default=True, help="Rows per step.")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=_D["momentum"], show_default=True,
+@click.option("--momentum", type=click_type(TrainConfig, "momentum"), default=_D["momentum"],
+              show_default=True,
               help="sgd momentum.")
-@click.option("--schedule", type=click.Choice(SCHEDULES),
+@click.option("--schedule", type=click_type(TrainConfig, "schedule"),
               default=_D["schedule"], show_default=True,
               help="Learning-rate schedule: cosine decays per step to 0; step multiplies by 0.1 "
                    "every --lr-step epochs.")
-@click.option("--lr-step", type=click.IntRange(min=0), default=_D["lr_step"], show_default=True,
+@click.option("--lr-step", type=click_type(TrainConfig, "lr_step"), default=_D["lr_step"],
+              show_default=True,
               help="Period of the step schedule in epochs; 0: a third of --epochs.")
-@click.option("--class-weight", type=click.Choice(CLASS_WEIGHTS),
+@click.option("--class-weight", type=click_type(TrainConfig, "class_weight"),
               default=_D["class_weight"], show_default=True,
               help="balanced: weigh classes by n / (classes x count), as scikit-learn.")
-@click.option("--patience", type=click.IntRange(min=0), default=_D["patience"], show_default=True,
+@click.option("--patience", type=click_type(TrainConfig, "patience"), default=_D["patience"],
+              show_default=True,
               help="Early stopping: stop a head after this many epochs without better validation "
                    "accuracy (ties: lower loss) and keep its best epoch; 0: off.")
 @click.option("--data-seed", type=int, default=_D["data_seed"], show_default=True,
               help="Seed of the batch order and dropout noise, shared by all heads.")
-@click.option("--shuffle-chunks", type=click.IntRange(min=0), default=_D["shuffle_chunks"],
+@click.option("--shuffle-chunks", type=click_type(TrainConfig, "shuffle_chunks"),
+              default=_D["shuffle_chunks"],
               show_default=True,
               help="Shuffle window in HDF5 chunks; 0: every chunk that fits in --max-memory.")
-@click.option("--max-memory", type=_Size(), default=_D["max_memory"], show_default="4G",
+@click.option("--max-memory", type=_Size(rule_of(TrainConfig, "max_memory")),
+              default=_D["max_memory"],
+              show_default=size_text(_D["max_memory"]),
               help="Features held in RAM at most (4G, 512M); a larger cache is streamed from "
                    "HDF5 in shuffled whole chunks.")
 @click.option("--standardize/--no-standardize", default=_D["standardize"], show_default=True,
               help="linear and mlp heads: train on features standardized with the training "
                    "rows' per-feature mean and std (folded into the saved head, which takes "
                    "raw features).")
-@click.option("--logreg-max-iter", type=click.IntRange(min=1), default=_D["logreg_max_iter"],
+@click.option("--logreg-max-iter", type=click_type(TrainConfig, "logreg_max_iter"),
+              default=_D["logreg_max_iter"],
               show_default=True, help="lbfgs iterations per logreg fit.")
 @click.option("--logreg-standardize/--no-logreg-standardize", default=_D["logreg_standardize"],
               show_default=True, help="Fit logreg on standardized features (folded into the "
@@ -158,7 +176,8 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--layer", default=_D["layer"],
               help="The cut to train on, for a cache extracted with several (--layer fc6,fc7): "
                    "its name, alias or graph node; default: the cache's only cut.")
-@click.option("--views", type=_Views(), default="all", show_default=True,
+@click.option("--views", type=_Views(rule_of(TrainConfig, "views")), default=_D["views"],
+              show_default="all",
               help="For a cache extracted with --views K: draw each image's view in each epoch "
                    "from all K, or from the first N (1: the plain view only). Validation and "
                    "test use the plain view.")

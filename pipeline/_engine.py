@@ -23,13 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache import manifest as mf
-from cache.errors import UserError
 from cache.writer import CacheWriter
 
 from ._loading import ImageBatches, collate, default_workers
 from ._progress import progress
 from .augment import Augment
-from .config import PRECISIONS
 from .preprocessing import Preprocessing, to_float_batch
 from .sources import ImageList
 
@@ -231,6 +229,4 @@ def resolve_precision(name: str, device: torch.device) -> str:
     float32 elsewhere."""
     if name == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
     return name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -70,15 +71,19 @@ def default_workers(workers: int, cuda: bool) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N."""
+    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N, with N one of this
+    machine's GPUs."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    # torch.device() accepts "cuda:x" and "gpu" only to fail later, deep in CUDA: match first.
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}); pick one "
+                        "of them, or cuda")
     return device

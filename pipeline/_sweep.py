@@ -3,12 +3,11 @@ the passes that train them (heads of one shape and optimizer together, within a 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass
 
 from cache.errors import UserError
 
-from .config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .config import TrainConfig, validate
 
 
 @dataclass(frozen=True)
@@ -53,38 +52,9 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
     def bad(what: str, fix: str):
         raise UserError(f"{what}: {fix}")
 
-    for name, allowed in (("head", HEADS), ("optimizer", OPTIMIZERS), ("activation", ACTIVATIONS)):
-        if not getattr(cfg, name):
-            bad(f"--{name} is empty", "give at least one value")
-        for v in getattr(cfg, name):
-            if v not in allowed:
-                bad(f"unknown --{name} {v!r}", f"choose from {', '.join(allowed)}")
-    positive, fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
-    rules = {"lr": positive, "C": positive, "weight_decay": (lambda v: v >= 0, ">= 0"),
-             "dropout": fraction, "label_smoothing": fraction}
-    for name, (ok, text) in rules.items():
-        for v in getattr(cfg, name):
-            # inf passes `> 0` and trains to NaN losses: every value must be a finite number.
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
-                bad(f"--{name.replace('_', '-')} {v}", f"use finite values {text}")
-    for name, ok, text in (("momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
-                           ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)")):
-        v = getattr(cfg, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
-            bad(f"--{name.replace('_', '-')} {v}", f"use a finite value {text}")
+    validate(cfg)
     if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
         bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
-    if cfg.schedule not in SCHEDULES:
-        bad(f"unknown --schedule {cfg.schedule!r}", f"choose from {', '.join(SCHEDULES)}")
-    if cfg.class_weight not in CLASS_WEIGHTS:
-        bad(f"unknown --class-weight {cfg.class_weight!r}",
-            f"choose from {', '.join(CLASS_WEIGHTS)}")
-    for name in ("epochs", "batch_size", "max_memory", "logreg_max_iter"):
-        if getattr(cfg, name) < 1:
-            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 1")
-    for name in ("patience", "shuffle_chunks", "lr_step"):
-        if getattr(cfg, name) < 0:
-            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 0")
     if cfg.patience and not (has_val or cfg.val_fraction > 0):
         bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 

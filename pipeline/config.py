@@ -1,11 +1,18 @@
 """Stage configs: frozen dataclasses whose defaults are the only defaults (the CLI reads them),
-and the allowed values of their fields, listed once here for the library and the CLI alike.
+and the allowed values of their fields, written once beside each field for the library and the
+CLI alike: `validate(config)` checks a config against them, and the CLI derives its click types
+from the same records (as scikit-learn's `_parameter_constraints`).
 
 Torch-free, so the command line can build its options without importing torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from cache.errors import UserError
 
 # Allowed values: the stages check against these and the CLI offers them as choices.
 # Backbones are open-ended (every torchvision classification model, and timm:NAME): the
@@ -20,6 +27,83 @@ SCHEDULES = ("constant", "cosine", "step")
 CLASS_WEIGHTS = ("none", "balanced")
 FORMATS = ("pt2", "onnx", "torchvision")                # exported model formats
 INPUTS = ("tensor", "image")                            # what an exported model takes
+DEMO_OUT = "demo-out"                                   # the demo's default output folder
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Allowed numbers: `kind` (int or float) from `low` to `high` (None: unbounded), each end
+    included unless open; floats must be finite. `none`: None is allowed too (a default)."""
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    none: bool = False
+
+    def error(self, value) -> str | None:
+        """None if `value` is allowed, else what to use instead ("use an integer >= 1")."""
+        if value is None and self.none:
+            return None
+        number = numbers.Integral if self.kind is int else numbers.Real   # numpy's too
+        if (isinstance(value, bool) or not isinstance(value, number)
+                or not math.isfinite(value)
+                or (self.low is not None and (value <= self.low if self.low_open
+                                              else value < self.low))
+                or (self.high is not None and (value >= self.high if self.high_open
+                                               else value > self.high))):
+            return f"use {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            ends = "(["[not self.low_open], ")]"[not self.high_open]
+            return f"{what} in {ends[0]}{self.low:g}, {self.high:g}{ends[1]}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {self.high:g}"
+        return what
+
+
+@dataclass(frozen=True)
+class Options:
+    """Allowed strings."""
+    values: tuple[str, ...]
+
+    def error(self, value) -> str | None:
+        return None if value in self.values else f"choose from {', '.join(self.values)}"
+
+
+def rule_of(config_cls, name: str) -> Interval | Options | None:
+    """The allowed values of field `name` of a config class, or None when any value goes."""
+    return config_cls.constraints.get(name)
+
+
+def flag(name: str) -> str:
+    """The command-line option of a config field: image_size -> --image-size."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(config) -> None:
+    """Raise UserError naming the first field of `config` outside its allowed values, its
+    option and what to use instead (`--image-size 16: use an integer >= 32`). Tuple fields are
+    sweep axes: they must hold at least one value, and each value is checked."""
+    for f in fields(config):
+        rule = config.constraints.get(f.name)
+        if rule is None:
+            continue
+        value = getattr(config, f.name)
+        axis = isinstance(f.default, tuple)
+        if axis and not value:
+            raise UserError(f"{flag(f.name)} is empty: give at least one value")
+        for v in value if axis else (value,):
+            error = rule.error(v)
+            if error is not None:
+                unknown = "unknown " if isinstance(rule, Options) else ""
+                shown = repr(v) if isinstance(rule, Options) else v
+                raise UserError(f"{unknown}{flag(f.name)} {shown}: {error}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +117,8 @@ class ExtractConfig:
     pool: str = "flatten"            # spatial outputs: flatten, or avg (mean over positions)
     image_size: int | None = None    # crop size; None: the weights' own (224)
     batch_size: int = 32             # images per forward pass and per committed batch
-    workers: int = -1                # decoding processes; -1: auto (CPU: cores//2, GPU: up to 8)
+    workers: int = -1                # decoding processes; -1: auto (CPU: cores//2, at most 4;
+                                     # GPU: up to 8)
     device: str = "auto"             # auto, cpu, cuda, cuda:N
     dtype: str = "float16"           # storage dtype: float16 or float32
     views: int = 1                   # views cached per image: the plain preprocessing, and
@@ -50,6 +135,13 @@ class ExtractConfig:
                                      # meeting point before naming the missing ones
     strict: bool = False             # skipped images make the run fail (after it finishes)
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
+
+    constraints: ClassVar[dict] = {
+        "pool": Options(POOLS), "image_size": Interval(int, 32, none=True),
+        "batch_size": Interval(int, 1), "workers": Interval(int, -1),
+        "dtype": Options(DTYPES), "views": Interval(int, 1), "precision": Options(PRECISIONS),
+        "dist_timeout": Interval(float, 1),
+    }
 
 
 @dataclass(frozen=True)
@@ -94,6 +186,20 @@ class TrainConfig:
     layer: str | None = None          # the cut of a several-cut cache to train on (its name,
                                       # alias or graph node); None: the cache's only cut
 
+    constraints: ClassVar[dict] = {
+        "head": Options(HEADS), "activation": Options(ACTIVATIONS),
+        "optimizer": Options(OPTIMIZERS), "lr": Interval(float, 0, low_open=True),
+        "weight_decay": Interval(float, 0), "dropout": Interval(float, 0, 1, high_open=True),
+        "label_smoothing": Interval(float, 0, 1, high_open=True), "seed": Interval(int),
+        "C": Interval(float, 0, low_open=True),
+        "epochs": Interval(int, 1), "batch_size": Interval(int, 1),
+        "momentum": Interval(float, 0, 1), "schedule": Options(SCHEDULES),
+        "lr_step": Interval(int, 0), "class_weight": Options(CLASS_WEIGHTS),
+        "patience": Interval(int, 0), "val_fraction": Interval(float, 0, 1, high_open=True),
+        "shuffle_chunks": Interval(int, 0), "max_memory": Interval(int, 1),
+        "logreg_max_iter": Interval(int, 1), "views": Interval(int, 1, none=True),
+    }
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -108,6 +214,10 @@ class ExportConfig:
     parity_images: int = 8           # cached images run through the stitched model at export
     parity_check: bool = True        # False: skip the check (no cache or images needed)
 
+    constraints: ClassVar[dict] = {
+        "format": Options(FORMATS), "input": Options(INPUTS), "parity_images": Interval(int, 1),
+    }
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -117,6 +227,10 @@ class PredictConfig:
     workers: int = -1                # decoding processes; -1: auto (none for a single batch)
     device: str = "auto"             # auto (CUDA when there is one), cpu, cuda, cuda:N
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
+
+    constraints: ClassVar[dict] = {
+        "top_k": Interval(int, 1), "batch_size": Interval(int, 1), "workers": Interval(int, -1),
+    }
 
 
 @dataclass(frozen=True)
@@ -129,6 +243,11 @@ class ReportConfig:
     misclassified: int = 16           # images in the grid of the most confident mistakes
     leaderboard_rows: int = 20        # rows of the leaderboard table in report.md
     dpi: int = 100                    # resolution of the PNG figures
+
+    constraints: ClassVar[dict] = {
+        "misclassified": Interval(int, 0), "leaderboard_rows": Interval(int, 1),
+        "dpi": Interval(int, 20),
+    }
 
 
 @dataclass(frozen=True)
@@ -144,3 +263,9 @@ class DemoConfig:
     tutorial_batch: int = 32          # images per tutorial-way step
     report: bool = True               # write the report (figures and report.md) under DIR/report
     progress: bool | None = None      # progress lines on stderr; None: only on a terminal
+
+    constraints: ClassVar[dict] = {
+        "image_size": Interval(int, 32), "per_class": Interval(int, 2, none=True),
+        "test_every": Interval(int, 2), "epochs": Interval(int, 1),
+        "tutorial_steps": Interval(int, 1), "tutorial_batch": Interval(int, 1),
+    }

@@ -31,8 +31,8 @@ from cache.errors import UserError
 
 from .backbone import build_backbone
 from .preprocessing import Preprocessing, to_float_batch
-from .config import (DemoConfig, ExportConfig, ExtractConfig, PredictConfig, ReportConfig,
-                     TrainConfig)
+from .config import (DEMO_OUT, DemoConfig, ExportConfig, ExtractConfig, PredictConfig,
+                     ReportConfig, TrainConfig, validate)
 from .export import ExportSummary, export
 from .extract import ExtractSummary, extract
 from .images import read_image
@@ -73,17 +73,14 @@ class DemoSummary:
         return self.weights == "none"
 
 
-def demo(out_dir: str | Path = "demo-out", config: DemoConfig = DemoConfig(),
+def demo(out_dir: str | Path = DEMO_OUT, config: DemoConfig = DemoConfig(),
          echo: Callable[[str], None] | None = None) -> DemoSummary:
     """Run every stage on the digits under `out_dir`; `echo` gets each stage's lines as it ends.
 
     Raises UserError for user mistakes (weights that cannot be loaded, bad settings).
     """
     say = echo or (lambda line: None)
-    if config.per_class is not None and config.per_class < 2:
-        raise UserError(f"per_class {config.per_class}: use at least 2 images per class")
-    if config.tutorial_steps < 1 or config.tutorial_batch < 1 or config.epochs < 1:
-        raise UserError("epochs, tutorial steps and tutorial batch must be at least 1")
+    validate(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

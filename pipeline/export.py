@@ -23,7 +23,6 @@ its logits must equal the head's on the cached features within the rounding of t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -45,7 +44,7 @@ from ._writers import write
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
                        is_timm)
-from .config import FORMATS, INPUTS, ExportConfig
+from .config import FORMATS, ExportConfig, validate
 from .head_file import load_head
 from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 from .preprocessing import ImageInput, Preprocessing
@@ -158,8 +157,7 @@ class _Stitched(nn.Module):
 def _check_request(config: ExportConfig, output: Path, given: str) -> None:
     """Refuse bad settings and an output that cannot be written, before any heavy work.
     `given` is the output as the user wrote it (a Path drops a trailing slash)."""
-    if config.format not in FORMATS:
-        raise UserError(f"unknown format {config.format!r}: use {', '.join(FORMATS)}")
+    validate(config)
     suffixes = SUFFIXES[config.format]
     if not given.strip():
         raise UserError(f"the output file name is empty: give one, such as "
@@ -176,14 +174,9 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
         raise UserError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}: choose another -o")
-    if config.input not in INPUTS:
-        raise UserError(f"unknown input {config.input!r}: use {' or '.join(INPUTS)}")
     if config.input == "image" and config.format == "torchvision":
         raise UserError("--input image needs --format pt2 or onnx: the torchvision format is a "
                         "plain state_dict of the torchvision model, which takes normalised tensors")
-    if config.parity_check and config.parity_images < 1:
-        raise UserError(f"parity images must be at least 1, got {config.parity_images} "
-                         "(use --no-parity-check to skip the check)")
     if config.format == "onnx":
         try:
             import onnx  # noqa: F401
@@ -296,7 +289,8 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
         "model_format": fmt,
         "class_names": names,
         "input": ({"kind": "tensor", "shape": ["N", 3, s, s], "dtype": "float32",
-                   "range": [0.0, 1.0], "channels": "RGB", "normalized_inside": fmt != "torchvision"}
+                   "range": [0.0, 1.0], "channels": "RGB",
+                   "normalized_inside": fmt != "torchvision"}
                   if config.input == "tensor" else
                   {"kind": "image", "shape": ["N", 3, "H", "W"], "dtype": "uint8",
                    "range": [0, 255], "channels": "RGB", "resized_inside": True,
@@ -326,9 +320,10 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
 # torch.export.save aborts the whole process (a C++ abort, exit 134) when the disk fills up
 # under it, which no Python handler can turn into a message: so the free space is checked
 # before any format is written, in the temporary folder beside the output where the file is
-# written (the same filesystem as the output, so the space checked is the space used). Each format holds every parameter and buffer once (the .pt2
-# archive stores them uncompressed, ONNX as initializers, torchvision as a state_dict), plus
-# the graph and metadata: the tensors' bytes with a relative and an absolute margin.
+# written (the same filesystem as the output, so the space checked is the space used). Each
+# format holds every parameter and buffer once (the .pt2 archive stores them uncompressed, ONNX
+# as initializers, torchvision as a state_dict), plus the graph and metadata: the tensors' bytes
+# with a relative and an absolute margin.
 _SPACE_MARGIN = (1.05, 16 * 2**20)
 
 

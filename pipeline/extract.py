@@ -41,7 +41,7 @@ from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_
 from cache import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
-from .config import DTYPES, ExtractConfig
+from .config import ExtractConfig, validate
 from .augment import DEFAULT_SPEC, Augment
 from .backbone import build_backbone, split_layers
 from .preprocessing import Preprocessing
@@ -358,12 +358,7 @@ def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
 
 
 def _check_config(config: ExtractConfig) -> None:
-    if config.dtype not in DTYPES:
-        raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
-    if config.batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.views < 1:
-        raise UserError(f"--views {config.views}: use 1 (the plain view) or more")
+    validate(config)
     if config.views > 1 and len(split_layers(config.layer)) > 1:
         raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
                         "augmented views of one cut at a time")

@@ -34,7 +34,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cache.errors import UserError
 

@@ -25,7 +25,7 @@ from cache.errors import UserError
 
 from ._progress import progress
 from .preprocessing import to_float_batch
-from .config import PredictConfig
+from .config import PredictConfig, validate
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
 from .models import REEXPORT, load_model
 from .sources import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
@@ -62,9 +62,7 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     a folder without images, bad settings.
     """
     t0 = time.perf_counter()
-    if config.top_k < 1 or config.batch_size < 1:
-        raise UserError(f"top-k and batch size must be at least 1, got {config.top_k} and "
-                         f"{config.batch_size}")
+    validate(config)
     images, unnamed = _collect(inputs)
     device = resolve_device(config.device)
     model = load_model(model_path, device)

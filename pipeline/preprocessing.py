@@ -20,7 +20,6 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from cache.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,6 @@ def default_preprocessing(backbone: str, image_size: int | None = None,
         resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
         interp, antialias = t.interpolation.value, bool(t.antialias)
     if image_size is not None:
-        if image_size < 32:
-            raise UserError(f"--image-size {image_size} is too small: use 32 or more")
         resize, crop = round(image_size * resize / crop), image_size
     return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(mean), std=tuple(std),
                          interpolation=interp, antialias=antialias)

@@ -39,7 +39,7 @@ from cache.errors import UserError
 
 from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
-from .config import ReportConfig
+from .config import ReportConfig, validate
 from .head_file import load_head, read_head_meta
 from .images import BadImageError, read_image
 from .splits import validation_rows
@@ -84,8 +84,7 @@ def report(runs_dir: str | Path, output: str | Path | None = None,
     leave the misclassified grid empty, with a note saying why.
     """
     t0 = time.perf_counter()
-    if config.misclassified < 0 or config.leaderboard_rows < 1 or config.dpi < 20:
-        raise UserError("--misclassified must be >= 0, --leaderboard-rows >= 1 and --dpi >= 20")
+    validate(config)
     runs_dir = Path(runs_dir)
     out = Path(output) if output is not None else runs_dir / "report"
     check_folder(out, "report folder", "choose another -o")

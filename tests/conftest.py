@@ -19,6 +19,32 @@ def make_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40, 48), 
     return root
 
 
+def error_lines(text: str) -> list[str]:
+    """The `Error:` lines of a command's output."""
+    return [line for line in text.splitlines() if line.startswith("Error:")]
+
+
+def one_error_line(text: str, *words) -> str:
+    """The output's only `Error:` line, without its prefix, holding every word; no traceback."""
+    assert "Traceback" not in text, text[-3000:]
+    errors = error_lines(text)
+    assert len(errors) == 1, text[-3000:]
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0][len("Error: "):]
+
+
+def one_line(result, *words, exit_code: int = 1) -> str:
+    """A CliRunner result that ended with `exit_code` and exactly one `Error:` line, last,
+    holding every word (the line is returned, prefix included)."""
+    assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    one_error_line(result.output, *words)
+    line = error_lines(result.output)[0]
+    assert result.output.rstrip().endswith(line), result.output
+    return line
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "images")

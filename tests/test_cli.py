@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from cache.errors import UserError
 from cli.main import COMMANDS, main
 
+from .conftest import one_line
+
 # Runs the CLI in a fresh interpreter and prints which heavy modules it imported.
 _PROBE = """
 import json, sys
@@ -106,11 +108,7 @@ def test_an_output_file_that_is_empty_or_a_folder_is_a_usage_error(tmp_path, mon
     (tmp_path / "model.pt2").write_bytes(b"")
     args = (["export", "runs/x", "-o", output] if command == "export"
             else ["predict", "model.pt2", "image.png", "-o", output])
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and words in errors[0], result.output
+    one_line(CliRunner().invoke(main, args), words, exit_code=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "model.pt2"]
 
 

@@ -37,7 +37,7 @@ from pipeline.report import report
 from pipeline.train_head import train_head
 
 from ._caches import MANIFEST, make_cache
-from .conftest import make_folder
+from .conftest import make_folder, one_line
 
 FAST = dict(epochs=2, batch_size=16, val_fraction=0.25)
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -51,19 +51,6 @@ def blobs(n=60, d=6, c=3, seed=0):
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(result, *words) -> str:
-    """The run ended with exit 1 and exactly one `Error:` line, last, holding every word."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
-    assert "\n" not in errors[0]
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

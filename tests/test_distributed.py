@@ -21,7 +21,7 @@ from cache.plan import shard_paths
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 
-from .conftest import make_folder
+from .conftest import error_lines, make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
@@ -106,7 +106,7 @@ def test_user_error_on_one_rank_ends_both(data, tmp_path):
     out = tmp_path / "refused.h5"
     run = torchrun("user-error", images, out)
     assert run.returncode != 0 and not out.exists() and not shard_paths(out)
-    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    errors = error_lines(run.stderr)
     assert len(errors) == 2, run.stderr[-3000:]          # one line from each rank
     assert all("cannot write to /nowhere: choose another -o" in e for e in errors)
     assert "rank 1: cannot write" in run.stderr

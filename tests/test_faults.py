@@ -33,7 +33,7 @@ from pipeline import ExtractConfig, extract
 from pipeline.config import TrainConfig
 from pipeline.train_head import train_head
 
-from .conftest import make_folder
+from .conftest import error_lines, make_folder, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ExtractConfig(backbone="resnet18", weights="none", image_size=32, batch_size=4,
@@ -60,14 +60,6 @@ def assert_same(got_path, want_path):
 def committed(path) -> int:
     with CacheReader(path, allow_incomplete=True) as r:
         return r.n_rows
-
-
-def one_error_line(text: str) -> str:
-    """The run's only `Error:` line; the output holds no traceback."""
-    assert "Traceback" not in text, text[-3000:]
-    errors = [line for line in text.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, text[-3000:]
-    return errors[0][len("Error: "):]
 
 
 # ----------------------------------------------------------------------- failed writes
@@ -413,7 +405,7 @@ def test_under_torchrun_every_rank_is_told_who_writes(tmp_path):
     finally:
         lock.release()
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    errors = error_lines(run.stderr)
     said = f"{out} is being written by another `pipeline extract` (pid {os.getpid()}); " \
            "wait for it or stop it"
     assert sorted(errors) == sorted([f"Error: rank 0: {said}", f"Error: {said}"]), \
