@@ -33,6 +33,7 @@ from pipeline.splits import hash_split
 from pipeline.train_head import _class_weights, train_head
 
 from ._caches import MANIFEST, make_cache
+from .conftest import one_line
 
 FAST = dict(epochs=3, batch_size=16, val_fraction=0.25)
 
