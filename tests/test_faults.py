@@ -133,6 +133,7 @@ def _full_disk_line(monkeypatch, k: int, run) -> str:
     return text
 
 
+@pytest.mark.slow      # every write of a run fails in turn; the real full-disk tests cover one
 def test_every_failed_write_is_one_line_and_resumes_to_the_uninterrupted_cache(
         tmp_path, monkeypatch, built_once):
     src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=4)
@@ -155,6 +156,7 @@ def test_every_failed_write_is_one_line_and_resumes_to_the_uninterrupted_cache(
         assert not partial_path(out).exists() and not list(tmp_path.glob("*.lock"))
 
 
+@pytest.mark.slow      # every assembling write in turn; a real full disk while assembling below
 def test_failed_writes_while_assembling_keep_the_cache_and_the_partial(tmp_path, monkeypatch,
                                                                        built_once):
     src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=4)

@@ -37,6 +37,7 @@ from pipeline.train_head import _class_weights, train_head
 from .conftest import one_line
 
 from ._caches import MANIFEST, make_cache
+from .conftest import one_line
 
 FAST = dict(epochs=3, batch_size=16, val_fraction=0.25)
 
