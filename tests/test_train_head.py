@@ -34,8 +34,6 @@ from pipeline.heads import HeadStack, StackedOptimizer
 from pipeline.splits import hash_split
 from pipeline.train_head import _class_weights, train_head
 
-from .conftest import one_line
-
 from ._caches import MANIFEST, make_cache
 from .conftest import one_line
 
