@@ -49,7 +49,8 @@ from .augment import DEFAULT_SPEC, Augment
 from .backbone import Preprocessing, build_backbone, split_layers, to_float_batch
 from ._distributed import Job
 from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
-from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
+from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
+                      check_replaceable)
 from .images import ImageList, find_images
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
     Raises UserError for user mistakes (bad source, mismatching cache, unwritable output);
     with `config.strict`, also when images had to be skipped (after the cache is written).
     """
-    output = Path(output)
+    output = check_output_name(output)
     with Job.from_env(config.dist_timeout) as job:
         # One job at a time per cache; the ranks of a job are one writer, so rank 0 alone
         # locks, and every rank stops if the lock is taken.
@@ -555,8 +556,9 @@ def _check_config(config: ExtractConfig) -> None:
         raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
     if config.batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.views < 1:
-        raise UserError(f"--views {config.views}: use 1 (the plain view) or more")
+    if not 1 <= config.views <= mf.MAX_VIEWS:
+        raise UserError(f"--views {config.views}: use 1 (the plain view) to {mf.MAX_VIEWS} (each "
+                        "view is a forward pass of every image and a dataset of its own)")
     if config.views > 1 and len(split_layers(config.layer)) > 1:
         raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
                         "augmented views of one cut at a time")
