@@ -142,7 +142,16 @@ class Job:
                 return total[0]
             return add_local
         store = dist.distributed_c10d._get_default_store()
-        return lambda n: int(store.add(key, n))
+
+        def add(n: int) -> int:
+            try:
+                return int(store.add(key, n))
+            except RuntimeError as e:    # DistNetworkError: the store lives in the launcher
+                raise UserError(f"rank {self.rank}: the torchrun launcher is gone (its store "
+                                f"answers no more: {str(e).splitlines()[0][:120]}): committed "
+                                "work is kept; re-run the same torchrun command to resume"
+                                ) from None
+        return add
 
 
 __all__ = ["Job"]

@@ -303,7 +303,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         # a killed run would keep the file locked for the next.
         with _decoding(images, manifest, job.share(batches), config, device) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
-            with writer:
+            with writer, _dropped_if_empty(writer, created=not resume):
                 rows_before = writer.committed_rows
                 t = time.perf_counter()
                 _run(model, images, loaded, stats, writer, config, device, precision, job,
@@ -313,6 +313,20 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
     done = job.gather(job.step("computing", run))
     return (sum(n for _, _, n, _ in done), max(s for *_, s in done),
             {p: b for p, b, _, _ in done})
+
+
+@contextlib.contextmanager
+def _dropped_if_empty(writer: CacheWriter, created: bool):
+    """A file this run created and that holds no committed row when the run fails is removed:
+    it would record the failed run's settings and refuse the corrected command."""
+    try:
+        yield
+    except BaseException:
+        if created and writer.committed_rows == 0:
+            with contextlib.suppress(Exception):
+                writer.close()
+            writer.path.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
