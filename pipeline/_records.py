@@ -263,24 +263,35 @@ def earlier_runs(runs_dir: Path, data: dict, class_names: list[str]) -> list[dic
 def records_lock(runs_dir: Path):
     """Hold an exclusive flock on `.records.lock` in `runs_dir` while the leaderboard is read
     again, merged and written: two sweeps into one folder at the same time then both land,
-    the later one ranking the earlier one's runs with its own. (The kernel releases it however
-    the holder ends; where there is no flock, sweeps are not locked against each other.)"""
+    the later one ranking the earlier one's runs with its own. The kernel releases it however
+    the holder ends; the holder removes the file before it unlocks, so a waiter that then gets
+    the removed file tries again. (Where there is no flock, sweeps are not locked.)"""
     if fcntl is None:
         yield
         return
     path = runs_dir / ".records.lock"
-    try:
-        fd = _open_lock_file(path)
-    except OSError as e:
-        raise UserError(f"cannot lock the records of {runs_dir} ({path}: {e.strerror}): remove "
-                        f"{path} if it is not a regular file, or {WRITE_FIX}") from None
-    try:
+    while True:
+        try:
+            fd = _open_lock_file(path)
+        except OSError as e:
+            raise UserError(f"cannot lock the records of {runs_dir} ({path}: {e.strerror}): "
+                            f"remove {path} if it is not a regular file, or {WRITE_FIX}") from None
         if not _plain_file(os.fstat(fd)):
+            os.close(fd)
             raise UserError(f"{path}, the lock file of the records of {runs_dir}, is not a "
                             "regular file of its own: remove it and re-run")
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()                     # before unlocking: see above
         os.close(fd)
 
 
