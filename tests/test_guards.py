@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -207,7 +209,48 @@ def test_a_gone_launcher_is_one_line_on_every_rank(monkeypatch):
         def add(self, key, n):
             raise torch.distributed.DistNetworkError("Broken pipe")
     monkeypatch.setattr(torch.distributed.distributed_c10d, "_get_default_store", GoneStore)
-    add = Job(rank=1, world_size=2).counter("images")
+    add = Job(rank=1, world_size=2).counter("images")       # a launcher on another node
     with pytest.raises(UserError, match=r"rank 1: the torchrun launcher is gone \(.*Broken "
                                         r"pipe\): committed work is kept; re-run the same"):
         add(4)
+    orphan = Job(rank=0, world_size=2, _launcher=-1).counter("images")
+    with pytest.raises(UserError, match=r"rank 0: the torchrun launcher is gone \(its process "
+                                        r"ended\)"):
+        orphan(4)
+
+
+@pytest.mark.slow
+def test_killing_the_torchrun_launcher_is_one_line_per_rank_and_resumes(tmp_path):
+    from .test_distributed import ARGS as DIST_ARGS
+    from .test_distributed import REPO, read
+
+    src = make_folder(tmp_path / "images", classes=("a", "b"), per_class=20)
+    out = tmp_path / "c.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "_dist_run.py"), "slow", str(src), "-o", str(out), *DIST_ARGS,
+           "--batch-size", "2"]                    # 10 batches of 0.5 s a rank
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=REPO) as launcher:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("c.h5.shard-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)                            # a batch or two committed
+        launcher.kill()
+        text = launcher.stdout.read()              # until every rank has ended
+    assert "Traceback" not in text, text[-3000:]
+    errors = sorted(line for line in text.splitlines() if line.startswith("Error:"))
+    assert [e[:len("Error: rank 0: the torchrun launcher is gone (")] for e in errors] == [
+        f"Error: rank {r}: the torchrun launcher is gone (" for r in (0, 1)], text[-3000:]
+    assert all(e.endswith("committed work is kept; re-run the same torchrun command to resume")
+               for e in errors)
+    assert list(tmp_path.glob("c.h5.shard-*")) and not out.exists()
+    cmd[cmd.index("slow")] = "ok"                   # the same command, at full speed
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    alone = extract(src, tmp_path / "alone.h5", ExtractConfig(
+        backbone="resnet18", weights="none", image_size=32, batch_size=2, dtype="float32",
+        workers=0, progress=False))
+    got, want = read(out), read(alone.path)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1:5] == want[1:5]
