@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cache.errors import UserError
-from cache.store import cache_kind
+from cache.store import CacheReader, CacheWriter, cache_kind
 
 from .images import ImageList
 
@@ -80,6 +80,28 @@ def check_not_an_input(output: Path, images: ImageList) -> None:
     if clash:
         raise UserError(f"{output} is one of the input images ({clash.pop()}): extract never "
                         "writes over its input; choose another -o")
+
+
+@contextlib.contextmanager
+def dropped_if_empty(writer: CacheWriter, created: bool):
+    """A file this run created and that holds no committed row when the run fails is removed:
+    it would record the failed run's settings and refuse the corrected command."""
+    try:
+        yield
+    except BaseException:
+        if created and writer.committed_rows == 0:
+            with contextlib.suppress(Exception):
+                writer.close()
+            if _rows_on_disk(writer.path) == 0:   # a marker flush may have landed all the same
+                writer.path.unlink(missing_ok=True)
+        raise
+
+
+def _rows_on_disk(path: Path) -> int:
+    """The committed rows the file at `path` says it holds; 0 when it cannot be read."""
+    with contextlib.suppress(Exception), CacheReader(path, allow_incomplete=True) as r:
+        return r.n_rows
+    return 0
 
 
 _HELD_LOCKS: set[int] = set()   # descriptors of the output locks this process holds
@@ -198,4 +220,4 @@ def _lock_holder(fd: int) -> str:
 
 
 __all__ = ["OutputLock", "check_not_an_input", "check_output", "check_output_name",
-           "check_replaceable"]
+           "check_replaceable", "dropped_if_empty"]

@@ -50,7 +50,7 @@ from .backbone import Preprocessing, build_backbone, split_layers, to_float_batc
 from ._distributed import Job
 from ._loading import ImageBatches, collate, default_workers, digest_or_blank, resolve_device
 from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
-                      check_replaceable)
+                      check_replaceable, dropped_if_empty)
 from .images import ImageList, find_images
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         # a killed run would keep the file locked for the next.
         with _decoding(images, manifest, job.share(batches), config, device) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
-            with writer, _dropped_if_empty(writer, created=not resume):
+            with writer, dropped_if_empty(writer, created=not resume):
                 rows_before = writer.committed_rows
                 t = time.perf_counter()
                 _run(model, images, loaded, stats, writer, config, device, precision, job,
@@ -313,20 +313,6 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
     done = job.gather(job.step("computing", run))
     return (sum(n for _, _, n, _ in done), max(s for *_, s in done),
             {p: b for p, b, _, _ in done})
-
-
-@contextlib.contextmanager
-def _dropped_if_empty(writer: CacheWriter, created: bool):
-    """A file this run created and that holds no committed row when the run fails is removed:
-    it would record the failed run's settings and refuse the corrected command."""
-    try:
-        yield
-    except BaseException:
-        if created and writer.committed_rows == 0:
-            with contextlib.suppress(Exception):
-                writer.close()
-            writer.path.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
