@@ -139,12 +139,12 @@ class OutputLock:
             return
         while True:
             try:
-                fd = _open_lock_file(self.path)
+                fd = open_lock_file(self.path)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                     raise self._not_a_lock_file() from None
                 return
-            if not _plain_file(os.fstat(fd)):
+            if not own_plain_file(os.fstat(fd)):
                 os.close(fd)
                 raise self._not_a_lock_file()
             try:
@@ -194,7 +194,7 @@ class OutputLock:
         self.fd = None
 
 
-def _open_lock_file(path: Path) -> int:
+def open_lock_file(path: Path) -> int:
     """Open (or create) the lock file without following a symbolic link, and without waiting
     on a FIFO: anyone who can write the folder could put one there, to make the lock's pid
     line land in another file or to hang the run."""
@@ -202,7 +202,7 @@ def _open_lock_file(path: Path) -> int:
     return os.open(path, flags, 0o644)
 
 
-def _plain_file(st: os.stat_result) -> bool:
+def own_plain_file(st: os.stat_result) -> bool:
     """A regular file of one name: truncating it changes no other file."""
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
@@ -220,4 +220,4 @@ def _lock_holder(fd: int) -> str:
 
 
 __all__ = ["OutputLock", "check_not_an_input", "check_output", "check_output_name",
-           "check_replaceable", "dropped_if_empty"]
+           "check_replaceable", "dropped_if_empty", "open_lock_file", "own_plain_file"]

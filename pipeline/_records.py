@@ -35,7 +35,7 @@ from cache.manifest import COUNT, LIST, NUMBER, OBJECT, POSITIVE, STRING, STRING
 
 from ._feature_splits import Context
 from ._files import write_file, write_text
-from ._output import _open_lock_file, _plain_file, fcntl
+from ._output import fcntl, open_lock_file, own_plain_file
 from ._sweep import Experiment
 from ._version import __version__
 from .config import HEADS
@@ -272,11 +272,11 @@ def records_lock(runs_dir: Path):
     path = runs_dir / ".records.lock"
     while True:
         try:
-            fd = _open_lock_file(path)
+            fd = open_lock_file(path)
         except OSError as e:
             raise UserError(f"cannot lock the records of {runs_dir} ({path}: {e.strerror}): "
                             f"remove {path} if it is not a regular file, or {WRITE_FIX}") from None
-        if not _plain_file(os.fstat(fd)):
+        if not own_plain_file(os.fstat(fd)):
             os.close(fd)
             raise UserError(f"{path}, the lock file of the records of {runs_dir}, is not a "
                             "regular file of its own: remove it and re-run")
