@@ -25,6 +25,10 @@ from .errors import UserError
 FORMAT_VERSION = 1          # one cut: dataset `features`
 MULTI_CUT_VERSION = 2       # several cuts: group `cuts`, one dataset per cut name
 CUT_KEYS = ("layer", "layer_alias", "pool", "feature_dim")
+# Each view is a forward pass of every image and a dataset of its own, whose HDF5 chunk
+# buffer holds ~1 MiB while it is written: past a few hundred, a run would spend hours and
+# gigabytes of buffers before its first commit.
+MAX_VIEWS = 256
 
 # Fields that decide the value of a feature row: mixing rows that differ in any is wrong.
 FEATURE_KEYS = (
@@ -113,6 +117,11 @@ def validate(manifest: Any, path: Any, preprocessing: tuple = ("crop_size",)) ->
         f.may(manifest, key, optional(STRING))
     for key in ("config", "versions"):
         f.may(manifest, key, optional(OBJECT))
+    views = f.may(manifest, "views", optional(OBJECT))
+    if views is not None:
+        f.need(views, "count", VIEW_COUNT, "views.")
+        f.need(views, "spec", NAME, "views.")
+        f.need(views, "seed", INTEGER, "views.")
     if manifest.get("cuts") is None:
         _check_cut(f, manifest, "")
         return manifest
@@ -133,6 +142,18 @@ def _check_cut(f: "Fields", cut: dict, where: str) -> None:
     f.need(cut, "feature_dim", POSITIVE, where)
     f.may(cut, "layer_alias", optional(STRING), where)
     f.may(cut, "pool", optional(STRING), where)
+
+
+def check_widths(manifest: dict[str, Any], shapes: dict[str, tuple], path: Any) -> None:
+    """Every features dataset (`shapes`: key -> its shape, keys as `feature_datasets` names
+    them) must be (N, D) with the D its manifest gives, else a UserError naming `path`: a cut
+    or a manifest edited after extraction would otherwise train or match a head of the wrong
+    width."""
+    for key, dim in feature_datasets(manifest):
+        shape = tuple(shapes[key])
+        if len(shape) != 2 or shape[1] != dim:
+            raise UserError(f"{path} is damaged: its features {key} have shape {shape} where its "
+                            f"manifest says (N, {dim}): {REEXTRACT}")
 
 
 def feature_fingerprint(manifest: dict[str, Any]) -> str:
@@ -208,6 +229,9 @@ STRING = Check(lambda v: isinstance(v, str), "a string")
 NAME = Check(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
 BOOL = Check(lambda v: isinstance(v, bool), "true or false")
 POSITIVE = Check(lambda v: _is_int(v) and v >= 1, "a positive integer")
+INTEGER = Check(_is_int, "an integer")
+VIEW_COUNT = Check(lambda v: _is_int(v) and 2 <= v <= MAX_VIEWS,
+                   f"an integer from 2 to {MAX_VIEWS}")
 COUNT = Check(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 NUMBER = Check(is_number, "a number")
 OBJECT = Check(lambda v: isinstance(v, dict), "an object")

@@ -45,6 +45,8 @@ class CacheReader:
             self.file_manifest = mf.validate(mf.loads(self._file.attrs["manifest"], self.path),
                                              self.path)
             self._features = _h5.feature_datasets(self._file, self.file_manifest)
+            mf.check_widths(self.file_manifest, {k: d.shape for k, d in self._features.items()},
+                            self.path)
             self.cut = self._pick(layer)
             self.manifest = (mf.cut_manifest(self.file_manifest, self.cut)
                              if self.cut is not None and len(self.cut_names) > 1

@@ -9,14 +9,14 @@ import click
 
 from pipeline.config import ExtractConfig
 
-from .main_helpers import click_type, defaults, fail_on_user_error
+from .main_helpers import click_type, defaults, fail_on_user_error, file_name
 
 _D = defaults(ExtractConfig)
 
 
 @click.command("extract")
 @click.argument("source", type=click.Path(path_type=Path), required=False)
-@click.option("-o", "--output", type=click.Path(path_type=Path),
+@click.option("-o", "--output", type=str, callback=file_name,
               help="The HDF5 cache to write (CACHE.h5; CACHE.h5.partial while unfinished).")
 @click.option("--backbone", default=_D["backbone"], show_default=True,
               help="Frozen network: any torchvision classification model (vgg16, resnet50, "

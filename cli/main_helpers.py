@@ -66,6 +66,15 @@ def output_file(example: str):
     return check
 
 
+def file_name(ctx, param, value):
+    """A click callback for an `-o FILE` that the library checks: a trailing slash, which a
+    Path would drop, names a folder and is a usage error."""
+    if value is not None and value.endswith(("/", os.sep)):
+        raise click.BadParameter(f"{value} ends in a slash, so it names a folder: give a file "
+                                 f"name in it, such as {Path(value) / 'cache.h5'}")
+    return None if value is None else Path(value)
+
+
 def output_folder(ctx, param, value):
     """A click callback for `-o FOLDER`: an empty value is a usage error (it would mean the
     current folder, silently)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -35,6 +35,7 @@ class Job:
     local_rank: int = 0
     timeout_s: float = 1800.0   # how long a rank waits for the others at a meeting point
     _owns_group: bool = False
+    _launcher: int = field(default_factory=os.getppid)   # torchrun's agent, on this node
 
     @classmethod
     def from_env(cls, timeout_s: float = 1800.0) -> "Job":
@@ -142,7 +143,23 @@ class Job:
                 return total[0]
             return add_local
         store = dist.distributed_c10d._get_default_store()
-        return lambda n: int(store.add(key, n))
+
+        def add(n: int) -> int:
+            # The store lives in the launcher (this process's parent on its node): asked after
+            # the launcher was killed, it fails with a DistNetworkError and a C++ stack trace
+            # on stderr, so a rank that was orphaned says so without asking it.
+            if os.getppid() != self._launcher:
+                raise self._launcher_gone("its process ended")
+            try:
+                return int(store.add(key, n))
+            except RuntimeError as e:    # DistNetworkError: a launcher on another node, or one
+                # killed a moment ago (its sockets close before its children are orphaned)
+                raise self._launcher_gone(str(e).splitlines()[0][:120]) from None
+        return add
+
+    def _launcher_gone(self, why: str) -> UserError:
+        return UserError(f"rank {self.rank}: the torchrun launcher is gone ({why}): committed "
+                         "work is kept; re-run the same torchrun command to resume")
 
 
 __all__ = ["Job"]

@@ -12,10 +12,11 @@ import errno
 import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
-from cache import cache_kind
+from cache import CacheReader, CacheWriter, cache_kind
 from cache.errors import UserError
 
 from .sources import ImageList
@@ -26,6 +27,14 @@ except ImportError:          # no flock (Windows): runs are not locked against e
     fcntl = None
 
 log = logging.getLogger("pipeline.extract")
+
+
+def check_output_name(output: str | Path) -> Path:
+    """`output` as a Path; a name that ends in a slash names a folder, which Path would drop."""
+    if isinstance(output, str) and output.endswith(("/", os.sep)):
+        raise UserError(f"output {output} ends in a slash, so it names a folder: give a file "
+                        f"name in it, such as {Path(output) / 'cache.h5'}")
+    return Path(output)
 
 
 def check_output(output: Path) -> None:
@@ -73,6 +82,28 @@ def check_not_an_input(output: Path, images: ImageList) -> None:
                         "writes over its input; choose another -o")
 
 
+@contextlib.contextmanager
+def dropped_if_empty(writer: CacheWriter, created: bool):
+    """A file this run created and that holds no committed row when the run fails is removed:
+    it would record the failed run's settings and refuse the corrected command."""
+    try:
+        yield
+    except BaseException:
+        if created and writer.committed_rows == 0:
+            with contextlib.suppress(Exception):
+                writer.close()
+            if _rows_on_disk(writer.path) == 0:   # a marker flush may have landed all the same
+                writer.path.unlink(missing_ok=True)
+        raise
+
+
+def _rows_on_disk(path: Path) -> int:
+    """The committed rows the file at `path` says it holds; 0 when it cannot be read."""
+    with contextlib.suppress(Exception), CacheReader(path, allow_incomplete=True) as r:
+        return r.n_rows
+    return 0
+
+
 _HELD_LOCKS: set[int] = set()   # descriptors of the output locks this process holds
 
 
@@ -108,9 +139,14 @@ class OutputLock:
             return
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
+                fd = open_lock_file(self.path)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                    raise self._not_a_lock_file() from None
                 return
+            if not own_plain_file(os.fstat(fd)):
+                os.close(fd)
+                raise self._not_a_lock_file()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -136,6 +172,18 @@ class OutputLock:
         self.fd = fd
         _HELD_LOCKS.add(fd)
 
+    def _not_a_lock_file(self) -> UserError:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except OSError:
+            mode = 0
+        what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a regular file with other names (hard links)" if stat.S_ISREG(mode)
+                else "not a regular file")
+        return UserError(f"{self.path}, the lock file of {self.output}, is {what}: extract "
+                         "writes its lock only into a file of its own, never through it; "
+                         "remove it and re-run")
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -144,6 +192,19 @@ class OutputLock:
         _HELD_LOCKS.discard(self.fd)
         os.close(self.fd)
         self.fd = None
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file without following a symbolic link, and without waiting
+    on a FIFO: anyone who can write the folder could put one there, to make the lock's pid
+    line land in another file or to hang the run."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    return os.open(path, flags, 0o644)
+
+
+def own_plain_file(st: os.stat_result) -> bool:
+    """A regular file of one name: truncating it changes no other file."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def _lock_holder(fd: int) -> str:
@@ -158,4 +219,5 @@ def _lock_holder(fd: int) -> str:
     return "pid unknown"
 
 
-__all__ = ["OutputLock", "check_not_an_input", "check_output", "check_replaceable"]
+__all__ = ["OutputLock", "check_not_an_input", "check_output", "check_output_name",
+           "check_replaceable", "dropped_if_empty", "open_lock_file", "own_plain_file"]

@@ -15,11 +15,13 @@ checked (`read_results`, `read_metrics`, `read_summary`), a damaged one being on
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from cache.manifest import COUNT, LIST, NUMBER, OBJECT, POSITIVE, STRING, STRING
 
 from ._feature_splits import Context
 from ._files import write_file, write_text
+from ._output import fcntl, open_lock_file, own_plain_file
 from ._sweep import Experiment
 from ._version import __version__
 from .config import HEADS
@@ -254,6 +257,42 @@ def earlier_runs(runs_dir: Path, data: dict, class_names: list[str]) -> list[dic
                         f"its runs {_ranking(data)}: their numbers do not compare, so one "
                         f"leaderboard cannot rank both: {other}")
     return rows
+
+
+@contextlib.contextmanager
+def records_lock(runs_dir: Path):
+    """Hold an exclusive flock on `.records.lock` in `runs_dir` while the leaderboard is read
+    again, merged and written: two sweeps into one folder at the same time then both land,
+    the later one ranking the earlier one's runs with its own. The kernel releases it however
+    the holder ends; the holder removes the file before it unlocks, so a waiter that then gets
+    the removed file tries again. (Where there is no flock, sweeps are not locked.)"""
+    if fcntl is None:
+        yield
+        return
+    path = runs_dir / ".records.lock"
+    while True:
+        try:
+            fd = open_lock_file(path)
+        except OSError as e:
+            raise UserError(f"cannot lock the records of {runs_dir} ({path}: {e.strerror}): "
+                            f"remove {path} if it is not a regular file, or {WRITE_FIX}") from None
+        if not own_plain_file(os.fstat(fd)):
+            os.close(fd)
+            raise UserError(f"{path}, the lock file of the records of {runs_dir}, is not a "
+                            "regular file of its own: remove it and re-run")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()                     # before unlocking: see above
+        os.close(fd)
 
 
 def _ranking(data: dict) -> str:

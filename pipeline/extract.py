@@ -48,7 +48,8 @@ from .preprocessing import Preprocessing
 from ._distributed import Job
 from . import _engine as engine
 from ._loading import digest_or_blank, resolve_device
-from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
+from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
+                      check_replaceable, dropped_if_empty)
 from .sources import ImageList, find_images
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def extract(source: str | Path, output: str | Path, config: ExtractConfig = Extr
     Raises UserError for user mistakes (bad source, mismatching cache, unwritable output);
     with `config.strict`, also when images had to be skipped (after the cache is written).
     """
-    output = Path(output)
+    output = check_output_name(output)
     with Job.from_env(config.dist_timeout) as job:
         # One job at a time per cache; the ranks of a job are one writer, so rank 0 alone
         # locks, and every rank stops if the lock is taken.
@@ -302,7 +303,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         with engine.decoding(images, job.share(batches), pre, _augment(config, pre),
                              config.views, config.workers, device) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
-            with writer:
+            with writer, dropped_if_empty(writer, created=not resume):
                 rows_before = writer.committed_rows
                 t = time.perf_counter()
                 engine.run(model, images, loaded, stats, writer, dtype=config.dtype,
@@ -359,6 +360,9 @@ def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
 
 def _check_config(config: ExtractConfig) -> None:
     validate(config)
+    if config.views > mf.MAX_VIEWS:
+        raise UserError(f"--views {config.views}: use 1 (the plain view) to {mf.MAX_VIEWS} (each "
+                        "view is a forward pass of every image and a dataset of its own)")
     if config.views > 1 and len(split_layers(config.layer)) > 1:
         raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
                         "augmented views of one cut at a time")

@@ -53,8 +53,8 @@ from cache import CacheReader
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)
 from ._files import check_folder, make_folder
-from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_label,
-                       standardized, summarize, write_csv, write_summary)
+from ._records import (Result, TrainSummary, data_of, earlier_runs, record, records_lock,
+                       run_label, standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
 from .config import TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
@@ -101,13 +101,16 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                        else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        summary = summarize(rows, earlier, runs_dir, ctx, memory, [len(g) for g in groups],
-                            time.perf_counter() - t0, warnings)
+        # Another sweep into this folder may have recorded runs since: merge under its lock.
+        with records_lock(runs_dir):
+            earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
+            summary = summarize(rows, earlier, runs_dir, ctx, memory, [len(g) for g in groups],
+                                time.perf_counter() - t0, warnings)
+            write_csv(runs_dir / "results.csv", summary.leaderboard)
+            write_summary(runs_dir / "summary.json", summary)
     finally:
         for r in readers:
             r.close()
-    write_csv(runs_dir / "results.csv", summary.leaderboard)
-    write_summary(runs_dir / "summary.json", summary)
     log.info("best: %s (%s)", summary.best_run, summary.ranked_by)
     return summary
 

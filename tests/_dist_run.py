@@ -3,7 +3,8 @@
     torchrun --standalone --nproc-per-node 2 tests/_dist_run.py MODE SOURCE OUTPUT [OPTIONS]
 
 MODE: ok (plain `pipeline extract`), kill (rank 1 SIGKILLs itself at its second batch),
-user-error (rank 1 alone finds a user mistake), late (rank 1 hangs past the timeout).
+user-error (rank 1 alone finds a user mistake), late (rank 1 hangs past the timeout), slow
+(every rank pauses at each batch).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 from cache.errors import UserError
 from cli.main import main
-from tests.conftest import failing_build
+from tests.conftest import FailOnBatch, failing_build
 
 
 
@@ -30,6 +31,14 @@ def _patch(mode: str, rank: int) -> None:
         def refuse(*args, **kwargs):
             raise UserError("cannot write to /nowhere: choose another -o")
         module.check_output = refuse
+    elif mode == "slow":                 # every batch takes a moment: time to kill the launcher
+        build = module._build
+
+        class Slow(FailOnBatch):
+            def __call__(self, x):
+                time.sleep(0.5)
+                return self.inner(x)
+        module._build = lambda config: (lambda m, i: (Slow(m), i))(*build(config))
     elif mode == "late" and rank == 1:   # hangs while listing the images
         find_images = module.find_images
 
