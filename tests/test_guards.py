@@ -22,6 +22,7 @@ from cache.errors import UserError
 from cache import partial_path
 from cli.main import main
 from pipeline import ExtractConfig, extract
+from pipeline import _engine as engine
 from pipeline._distributed import Job
 from pipeline.augment import Augment
 from pipeline.preprocessing import Preprocessing
@@ -34,7 +35,6 @@ from .test_damaged import FAST, blobs, one_line, snapshot
 
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
         "--dtype", "float32", "-q"]
-EXTRACT = sys.modules["pipeline.extract"]
 
 
 def cli(*args):
@@ -156,7 +156,7 @@ def test_a_run_that_fails_before_its_first_commit_leaves_no_partial(images, tmp_
 
     def fail(*args, **kwargs):
         raise RuntimeError("a worker failed")
-    monkeypatch.setattr(EXTRACT, "_run", fail)
+    monkeypatch.setattr(engine, "run", fail)
     cfg = ExtractConfig(backbone="resnet18", weights="none", image_size=32, workers=0,
                         progress=False)
     with pytest.raises(RuntimeError, match="a worker failed"):
