@@ -24,6 +24,8 @@ class Experiment:
     label_smoothing: float | None = None
     seed: int | None = None
     C: float | None = None
+    k: int | None = None
+    temperature: float | None = None
 
     def params(self) -> dict:
         d = asdict(self)
@@ -40,6 +42,10 @@ def experiments(cfg: TrainConfig) -> list[Experiment]:
     for kind in cfg.head:
         if kind == "logreg":
             out += [Experiment("logreg", C=float(c)) for c in cfg.C]
+            continue
+        if kind == "knn":
+            out += [Experiment("knn", k=int(k), temperature=float(t))
+                    for k, t in itertools.product(cfg.k, cfg.temperature)]
             continue
         shapes = [((), None)] if kind == "linear" else itertools.product(cfg.hidden, cfg.activation)
         for (hidden, act), (opt, lr, wd, do, ls, seed) in itertools.product(shapes, torch_axes):
@@ -61,7 +67,7 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
                 bad(f"unknown --{name} {v!r}", f"choose from {', '.join(allowed)}")
     positive, fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
     rules = {"lr": positive, "C": positive, "weight_decay": (lambda v: v >= 0, ">= 0"),
-             "dropout": fraction, "label_smoothing": fraction}
+             "dropout": fraction, "label_smoothing": fraction, "temperature": positive}
     for name, (ok, text) in rules.items():
         for v in getattr(cfg, name):
             # inf passes `> 0` and trains to NaN losses: every value must be a finite number.
@@ -72,6 +78,12 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
             bad(f"--{name.replace('_', '-')} {v}", f"use a finite value {text}")
+    if "knn" in cfg.head and (not cfg.k or any(isinstance(k, bool) or not isinstance(k, int)
+                                               or k < 1 for k in cfg.k)):
+        bad(f"--k {','.join(map(str, cfg.k)) or '(empty)'}",
+            "give whole numbers of neighbours >= 1, e.g. 10,20,100,200")
+    if "knn" in cfg.head and not cfg.temperature:
+        bad("--temperature is empty", "give at least one value, e.g. 0.07")
     if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
         bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
     if cfg.schedule not in SCHEDULES:
@@ -98,7 +110,7 @@ def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainCo
         groups.setdefault((e.kind, e.hidden, e.activation, e.optimizer), []).append(e)
     out = []
     for (kind, hidden, _, _), group in groups.items():
-        if kind == "logreg":
+        if kind in ("logreg", "knn"):   # fits without a stack: one pass for the kind
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]
