@@ -38,7 +38,7 @@ from ._sweep import Experiment
 from .heads import evaluate
 
 FLOOR = 1e-7            # smallest vote share: a class no neighbour votes for gets log(FLOOR)
-BANK_ROWS = 4096        # training rows per similarity block (blocks of HDF5 chunks joined)
+BANK_ROWS = 4096        # training rows per similarity block at most (HDF5 chunks joined)
 
 
 class KNNHead(nn.Module):
@@ -120,17 +120,18 @@ def _scored(split: Split, ctx: Context, group: list[Experiment], kmax: int, leav
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits (Q, R, C) of the R runs of `group`, labels (Q,)) for each query group of the
     split's rows, in file order."""
-    c, dim = len(ctx.class_names), ctx.train.reader.feature_dim
+    c, dim, budget = len(ctx.class_names), ctx.train.reader.feature_dim, ctx.cfg.max_memory // 4
     kmax = min(kmax, len(ctx.train.rows))
-    # A quarter of --max-memory for the queries (float32), their similarities to one block of
-    # training rows and the running top-k (values and indices).
-    per_row = 4 * dim + 4 * BANK_ROWS + 12 * (kmax + BANK_ROWS)
-    rows = max(1, ctx.cfg.max_memory // 4 // per_row)
+    # A quarter of --max-memory for a block of training rows (float32, up to BANK_ROWS rows,
+    # at least one HDF5 chunk), another for the queries (float32), their similarities to
+    # a block and the running top-k (values and indices).
+    block = max(ctx.train.reader.chunk_rows, min(BANK_ROWS, budget // (4 * dim)))
+    rows = max(1, budget // (4 * dim + 4 * block + 12 * (kmax + block)))
     train_labels = torch.from_numpy(ctx.train.labels.astype(np.int64))   # (N,)
     start = 0
     for x, y in split.batches(rows):
         own = torch.arange(start, start + len(y)) if leave_out else None
-        sims, idx = top_neighbours(normalize(x), _bank(ctx.train), kmax, own)   # (Q, K)
+        sims, idx = top_neighbours(normalize(x), _bank(ctx.train, block), kmax, own)  # (Q, K)
         start += len(y)
         labels = train_labels[idx]
         yield torch.stack([vote_logits(sims[:, :e.k], labels[:, :e.k], e.temperature, c)
@@ -142,15 +143,15 @@ def _bank_block(block: np.ndarray) -> torch.Tensor:
     return normalize(torch.from_numpy(block)).half().float()
 
 
-def _bank(train: Split) -> Iterator[tuple[int, torch.Tensor]]:
+def _bank(train: Split, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, block (n, D) float32 as `_bank_block`) over the training rows in file order,
-    HDF5 chunks joined into blocks of at least BANK_ROWS rows (fewer, larger matrix products
-    and top-k merges)."""
+    HDF5 chunks joined into blocks of about `rows` rows (fewer, larger matrix products and
+    top-k merges)."""
     start, parts, have = 0, [], 0
     for block in train.blocks():
         parts.append(block)
         have += len(block)
-        if have >= BANK_ROWS:
+        if have >= rows:
             yield start, _bank_block(np.concatenate(parts))
             start, parts, have = start + have, [], 0
     if parts:
