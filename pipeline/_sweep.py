@@ -30,6 +30,10 @@ class Experiment:
     def params(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        # Only where set: the run ids of the other kinds, hashed from these, stay as they were.
+        for key in ("k", "temperature"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

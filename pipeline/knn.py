@@ -96,7 +96,8 @@ def fit_knn(group: list[Experiment], ctx: Context):
             scored = _scored(split, ctx, group, kmax, leave_out=split is ctx.train)
             for f, m in zip(finals, evaluate(_Given(len(group)), scored, ctx.class_names)):
                 f[split.role] = m
-    features = torch.cat([_bank_block(b) for b in ctx.train.blocks()]).half()   # (N, D)
+    features = torch.cat([normalize(torch.from_numpy(b)).half()
+                          for b in ctx.train.blocks()])                       # (N, D) float16
     state = {"features": features, "labels": torch.from_numpy(ctx.train.labels.astype(np.int64))}
     shared: dict = {}
     return [Result(e, state, [], None, finals[h],
