@@ -125,9 +125,10 @@ def _scored(split: Split, ctx: Context, group: list[Experiment], kmax: int, leav
     kmax = min(kmax, len(ctx.train.rows))
     # A quarter of --max-memory for a block of training rows (float32, up to BANK_ROWS rows,
     # at least one HDF5 chunk), another for the queries (float32), their similarities to
-    # a block and the running top-k (values and indices).
+    # a block, the running top-k (values and indices) and every run's logits (with the
+    # log-softmax `evaluate` takes of them).
     block = max(ctx.train.reader.chunk_rows, min(BANK_ROWS, budget // (4 * dim)))
-    rows = max(1, budget // (4 * dim + 4 * block + 12 * (kmax + block)))
+    rows = max(1, budget // (4 * dim + 4 * block + 12 * (kmax + block) + 8 * len(group) * c))
     train_labels = torch.from_numpy(ctx.train.labels.astype(np.int64))   # (N,)
     start = 0
     for x, y in split.batches(rows):
