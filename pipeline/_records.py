@@ -40,9 +40,10 @@ from .heads import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",
-               "dropout", "label_smoothing", "seed", "C", "k", "temperature", "epochs_run", "best_epoch", "train_loss",
-               "train_acc", "val_acc", "val_top5", "val_balanced_acc", "val_loss", "best_val_acc",
-               "last_val_acc", "test_acc", "test_top5", "test_balanced_acc", "test_loss", "path")
+               "dropout", "label_smoothing", "seed", "C", "k", "temperature", "epochs_run",
+               "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5", "val_balanced_acc",
+               "val_loss", "best_val_acc", "last_val_acc", "test_acc", "test_top5",
+               "test_balanced_acc", "test_loss", "path")
 # The sweep axes among them, in the order TrainConfig lists them.
 AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
         "label_smoothing", "seed", "C", "k", "temperature")
@@ -151,7 +152,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "run_id": run_id, "head": e.kind, "hidden": "x".join(map(str, e.hidden or ())) or None,
         "activation": e.activation, "optimizer": e.optimizer, "lr": e.lr,
         "weight_decay": e.weight_decay, "dropout": e.dropout, "label_smoothing": e.label_smoothing,
-        "seed": e.seed, "C": e.C, "k": e.k, "temperature": e.temperature, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
+        "seed": e.seed, "C": e.C, "k": e.k, "temperature": e.temperature,
+        "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
         # The clean evaluation on the training rows where there is one (logreg always, every
         # head without validation data), else the last epoch's running values (dropout and
         # label smoothing included).
