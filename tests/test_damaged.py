@@ -28,7 +28,7 @@ from torch import nn
 from cache.errors import UserError
 from cache.store import CacheWriter, partial_path, read_manifest
 from cli.main import main
-from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
+from pipeline.config import HEADS, ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.heads import load_head
@@ -240,7 +240,7 @@ HEAD_DAMAGE = {
                                                   "missing)"),
     "class_names: 5": (lambda m: m.update(class_names=5),
                        "class_names must be a list of n_classes (3) strings or null (got 5)"),
-    "kind: 3": (lambda m: m.update(kind=3), "kind must be one of linear, mlp, logreg (got 3)"),
+    "kind: 3": (lambda m: m.update(kind=3), f"kind must be one of {', '.join(HEADS)} (got 3)"),
     "preprocessing as text": (lambda m: m["cache"].update(preprocessing="32px"),
                               "cache.preprocessing must be an object (got '32px')"),
     "hash split without fraction": (lambda m: m["data"]["val"].pop("fraction"),
