@@ -28,6 +28,7 @@ from torch import nn
 from cache.errors import UserError
 from cache.store import CacheWriter, partial_path, read_manifest
 from cli.main import main
+from pipeline._records import CSV_COLUMNS
 from pipeline.config import HEADS, ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
@@ -316,7 +317,7 @@ RESULTS_DAMAGE = {
     "a run id outside the folder": (lambda rows: rows[1].__setitem__(1, "../../etc"),
                                     "line 2, column run_id must be a run folder name"),
     "a short row": (lambda rows: rows[2].__delitem__(slice(3, None)),
-                    "line 3 must be 27 cells, one per column (got 3)"),
+                    f"line 3 must be {len(CSV_COLUMNS)} cells, one per column (got 3)"),
 }
 
 
