@@ -26,6 +26,12 @@ scikit-learn's strongest C (1e-4) is decay 0.5.
   sgemm      a 1024 x D @ D x D matrix product: the machine's matmul rate at these threads,
              against which each epoch's GFLOP/s is put
 
+k-NN rows (`knn_section`, also alone with --knn-only): the weighted k-NN probe on the same
+caches, one (k, T) = (10, 0.07) against 4 values of k (10, 20, 100, 200) x 2 of T (0.07, 0.2),
+each timed as the whole `python -m cli train-head --head knn` command (interpreter start,
+imports, cache reads, the similarity search, scoring, writing the runs) and as the
+`train_head()` call alone, alternated per round like the other cases.
+
 Every case runs once per round, alternating, for --repeats rounds. Seconds are medians, ratios
 medians of per-round ratios. Epoch seconds are what train_head reports per epoch (its on_epoch
 callback). Best validation accuracy is over the K heads (over the measured ones where
@@ -81,12 +87,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--knn-only", action="store_true", help="only the k-NN rows")
     args = ap.parse_args()
     apply_threads(args)
     quiet()
     tmp = scratch("bench-sweep-")
     train = synthetic_cache(tmp / "train.h5", args.rows, args.dim, args.classes)
     val = synthetic_cache(tmp / "val.h5", args.val_rows, args.dim, args.classes, split=1)
+    if args.knn_only:
+        print(f"machine: {machine()}")
+        print(knn_section(train, val, tmp, args))
+        return
     shared = dict(epochs=args.epochs, batch_size=256, val_fraction=0.0)
     acc: dict[str, list[float]] = {}          # case -> val accuracy of each head (last round)
     epoch_s: dict[str, list[float]] = {}      # case -> epoch seconds (all rounds)
@@ -202,6 +213,74 @@ def main() -> None:
     ratio = paired(times, "pass32", "pass1")
     print(f"goal: 32 heads in one pass cost at most 3x one head: {ratio:.2f}x "
           f"({'met' if ratio <= 3 else 'NOT met'}); per epoch {ep[32] / ep[1]:.2f}x")
+    print("\n" + knn_section(train, val, tmp, args, {
+        f"linear, best of {KS[-1]} (one pass)": (t[f"pass{KS[-1]}"], max(acc[f"pass{KS[-1]}"])),
+        "logreg, best of 8 values of C": (t["sklearn8"], max(acc["sklearn8"]))}))
+
+
+KNN_ONE = {"k": (10,), "temperature": (0.07,)}
+KNN_GRID = {"k": (10, 20, 100, 200), "temperature": (0.07, 0.2)}
+
+
+def knn_section(train: Path, val: Path, tmp: Path, args, others: dict | None = None) -> str:
+    """The k-NN rows: one (k, T) against the 4 x 2 grid, as whole commands and as train_head()
+    calls, alternated; `others` (name -> (seconds, best val acc)) printed beside them."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    root = Path(__file__).resolve().parents[1]
+    accs: dict[str, dict] = {}
+
+    def command(name: str, grid: dict):
+        def case() -> float:
+            out = tmp / f"cmd-{name}"
+            argv = [sys.executable, "-m", "cli", "train-head", str(train), "-o", str(out),
+                    "--val", str(val), "--head", "knn", "--json",
+                    "--k", ",".join(map(str, grid["k"])),
+                    "--temperature", ",".join(map(str, grid["temperature"]))]
+            t0 = time.perf_counter()
+            done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode:
+                raise RuntimeError(done.stderr)
+            board = json.loads(done.stdout)["leaderboard"]
+            accs[name] = {(r["k"], r["temperature"]): r["val_acc"] for r in board}
+            shutil.rmtree(out)
+            return seconds
+        return case
+
+    def call(name: str, grid: dict):
+        def case() -> float:
+            out = tmp / f"call-{name}"
+            t0 = time.perf_counter()
+            train_head(train, out, TrainConfig(head=("knn",), **grid), val)
+            seconds = time.perf_counter() - t0
+            shutil.rmtree(out)
+            return seconds
+        return case
+
+    times = alternate({"cmd1": command("cmd1", KNN_ONE), "cmd8": command("cmd8", KNN_GRID),
+                       "call1": call("call1", KNN_ONE), "call8": call("call8", KNN_GRID)},
+                      args.repeats)
+    t = {name: median(ts) for name, ts in times.items()}
+    best = max(accs["cmd8"].values())
+    rows = [["knn k=10, T=0.07", t["cmd1"], 1.0, t["call1"], 1.0, accs["cmd1"][(10, 0.07)]],
+            ["knn 4 k x 2 T", t["cmd8"], paired(times, "cmd8", "cmd1"), t["call8"],
+             paired(times, "call8", "call1"), best]]
+    rows += [[name, "", "", s, "", a] for name, (s, a) in (others or {}).items()]
+    ratio = paired(times, "cmd8", "cmd1")
+    per_run = ", ".join(f"k={k} T={tt:g}: {a:.4f}" for (k, tt), a in sorted(accs["cmd8"].items()))
+    return (f"k-NN probe: train {args.rows} x {args.dim} float16, val {args.val_rows} rows, "
+            f"{args.repeats} alternated rounds (medians; ratios: medians of per-round ratios)\n"
+            + table(["heads", "command s", "vs one", "train_head() s", "vs one", "best val"],
+                    rows)
+            + f"\nspread (s): one {spread(times['cmd1'])}, grid {spread(times['cmd8'])}"
+            + f"\nval acc of the grid: {per_run}"
+            + f"\ngoal: 4 k x 2 T cost at most 1.3x one (whole command): {ratio:.2f}x "
+            f"({'met' if ratio <= 1.3 else 'NOT met'})")
 
 
 def _axis(values: tuple) -> str:

@@ -118,7 +118,8 @@ def _axis(name: str, item, help: str, metavar="A,B"):
 @click.option("--test", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Test cache: measured for every head, never used to pick one.")
 @_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
-       "(scikit-learn LogisticRegression).", "KIND,...")
+       "(scikit-learn LogisticRegression), knn (DINO's weighted k-nearest-neighbour vote: "
+       "no training).", "KIND,...")
 @_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
        metavar="H[xH],...")
 @_axis("activation", str, "mlp activations.", "ACT,...")
@@ -130,6 +131,10 @@ def _axis(name: str, item, help: str, metavar="A,B"):
 @_axis("label_smoothing", float, "Label smoothing of the cross-entropy.", metavar="EPS,...")
 @_axis("seed", int, "Head initialisation seeds.", metavar="SEED,...")
 @_axis("C", float, "logreg inverse regularisation strengths.", metavar="C,...")
+@_axis("k", int, "knn: neighbours that vote; every k and T is scored from one search for the "
+       "largest k.", metavar="K,...")
+@_axis("temperature", float, "knn: temperatures T of the votes, exp(cosine similarity / T).",
+       metavar="T,...")
 @click.option("--epochs", type=click_type(TrainConfig, "epochs"),
               default=_D["epochs"], show_default=True,
               help="Passes over the training rows.")

@@ -43,14 +43,15 @@ from .head_file import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",
-               "dropout", "label_smoothing", "seed", "C", "epochs_run", "best_epoch", "train_loss",
-               "train_acc", "val_acc", "val_top5", "val_balanced_acc", "val_loss", "best_val_acc",
-               "last_val_acc", "test_acc", "test_top5", "test_balanced_acc", "test_loss", "path")
+               "dropout", "label_smoothing", "seed", "C", "k", "temperature", "epochs_run",
+               "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5", "val_balanced_acc",
+               "val_loss", "best_val_acc", "last_val_acc", "test_acc", "test_top5",
+               "test_balanced_acc", "test_loss", "path")
 # The sweep axes among them, in the order TrainConfig lists them.
 AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
-        "label_smoothing", "seed", "C")
+        "label_smoothing", "seed", "C", "k", "temperature")
 TEXT_COLUMNS = ("run_id", "head", "hidden", "activation", "optimizer", "path")
-INT_COLUMNS = ("rank", "seed", "epochs_run", "best_epoch")
+INT_COLUMNS = ("rank", "seed", "k", "epochs_run", "best_epoch")
 VAL_HASH_SPLIT, VAL_CACHE = "hash_split", "cache"        # head.json data.val kinds
 
 
@@ -63,6 +64,7 @@ class Result:
     best_epoch: int | None
     final: dict                    # role ("train", "val", "test") -> metrics, where measured
     extra: dict                    # kind-specific facts for the metadata
+    shared: dict | None = None     # one dict for the runs whose head.pt is the same (`save_head`)
 
 
 @dataclass
@@ -99,6 +101,8 @@ def run_label(e: Experiment) -> str:
     """The readable part of a run id: the head kind and its hyper-parameters."""
     if e.kind == "logreg":
         return f"logreg-C{e.C:g}"
+    if e.kind == "knn":
+        return f"knn-k{e.k}-T{e.temperature:g}"
     shape = "linear" if e.kind == "linear" else f"mlp{'x'.join(map(str, e.hidden))}-{e.activation}"
     return (f"{shape}-{e.optimizer}-lr{e.lr:g}-wd{e.weight_decay:g}-do{e.dropout:g}"
             f"-ls{e.label_smoothing:g}-s{e.seed}")
@@ -106,6 +110,8 @@ def run_label(e: Experiment) -> str:
 
 def standardized(kind: str, ctx: Context) -> bool:
     """Whether heads of this kind train on standardized features in this sweep."""
+    if kind == "knn":   # L2-normalized instead, as DINO's k-NN evaluation
+        return False
     return ctx.cfg.logreg_standardize if kind == "logreg" else ctx.cfg.standardize
 
 
@@ -135,7 +141,7 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
     run_dir = runs_dir / run_id
     new = not run_dir.exists()
     try:
-        save_head(run_dir, r.state, meta)
+        save_head(run_dir, r.state, meta, shared=r.shared)
         write_text(run_dir / "metrics.json", json.dumps(
             {"run_id": run_id, "epochs": r.history, "best_epoch": r.best_epoch, **r.final},
             indent=2), WRITE_FIX)
@@ -149,7 +155,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "run_id": run_id, "head": e.kind, "hidden": "x".join(map(str, e.hidden or ())) or None,
         "activation": e.activation, "optimizer": e.optimizer, "lr": e.lr,
         "weight_decay": e.weight_decay, "dropout": e.dropout, "label_smoothing": e.label_smoothing,
-        "seed": e.seed, "C": e.C, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
+        "seed": e.seed, "C": e.C, "k": e.k, "temperature": e.temperature,
+        "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
         # The clean evaluation on the training rows where there is one (logreg always, every
         # head without validation data), else the last epoch's running values (dropout and
         # label smoothing included).

@@ -23,10 +23,16 @@ class Experiment:
     label_smoothing: float | None = None
     seed: int | None = None
     C: float | None = None
+    k: int | None = None
+    temperature: float | None = None
 
     def params(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        # Only where set: the run ids of the other kinds, hashed from these, stay as they were.
+        for key in ("k", "temperature"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -39,6 +45,10 @@ def experiments(cfg: TrainConfig) -> list[Experiment]:
     for kind in cfg.head:
         if kind == "logreg":
             out += [Experiment("logreg", C=float(c)) for c in cfg.C]
+            continue
+        if kind == "knn":
+            out += [Experiment("knn", k=int(k), temperature=float(t))
+                    for k, t in itertools.product(cfg.k, cfg.temperature)]
             continue
         shapes = [((), None)] if kind == "linear" else itertools.product(cfg.hidden, cfg.activation)
         for (hidden, act), (opt, lr, wd, do, ls, seed) in itertools.product(shapes, torch_axes):
@@ -68,7 +78,7 @@ def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainCo
         groups.setdefault((e.kind, e.hidden, e.activation, e.optimizer), []).append(e)
     out = []
     for (kind, hidden, _, _), group in groups.items():
-        if kind == "logreg":
+        if kind in ("logreg", "knn"):   # fits without a stack: one pass for the kind
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]

@@ -20,7 +20,7 @@ from cache.errors import UserError
 POOLS = ("flatten", "avg")                              # how a spatial cut becomes a vector
 DTYPES = ("float16", "float32")                         # storage dtype of cached features
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
-HEADS = ("linear", "mlp", "logreg")
+HEADS = ("linear", "mlp", "logreg", "knn")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
@@ -150,11 +150,11 @@ class TrainConfig:
 
     Tuple fields are sweep axes: the experiments are their cartesian product, each head kind
     taking only the axes it uses (linear: optimizer..seed; mlp: also hidden, activation;
-    logreg: C). The other fields are shared by every experiment of the sweep. Stored in
-    every run's metadata.
+    logreg: C; knn: k, temperature). The other fields are shared by every experiment of the
+    sweep. Stored in every run's metadata.
     """
     # Sweep axes.
-    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg
+    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg, knn
     hidden: tuple[tuple[int, ...], ...] = ((1024,),)  # mlp hidden sizes, e.g. ((512,), (1024, 256))
     activation: tuple[str, ...] = ("relu",)           # mlp: relu, gelu, tanh
     optimizer: tuple[str, ...] = ("adamw",)           # adamw, sgd (with --momentum)
@@ -164,6 +164,8 @@ class TrainConfig:
     label_smoothing: tuple[float, ...] = (0.0,)       # cross-entropy label smoothing
     seed: tuple[int, ...] = (0,)                      # head initialisation
     C: tuple[float, ...] = (1.0,)                     # logreg inverse regularisation strength
+    k: tuple[int, ...] = (10, 20, 100, 200)           # knn: neighbours that vote (DINO's k-NN)
+    temperature: tuple[float, ...] = (0.07,)          # knn: a neighbour's vote is exp(cos / T)
     # Shared by the whole sweep.
     epochs: int = 20                  # passes over the training rows
     batch_size: int = 256             # rows per step
@@ -191,7 +193,8 @@ class TrainConfig:
         "optimizer": Options(OPTIMIZERS), "lr": Interval(float, 0, low_open=True),
         "weight_decay": Interval(float, 0), "dropout": Interval(float, 0, 1, high_open=True),
         "label_smoothing": Interval(float, 0, 1, high_open=True), "seed": Interval(int),
-        "C": Interval(float, 0, low_open=True),
+        "C": Interval(float, 0, low_open=True), "k": Interval(int, 1),
+        "temperature": Interval(float, 0, low_open=True),
         "epochs": Interval(int, 1), "batch_size": Interval(int, 1),
         "momentum": Interval(float, 0, 1), "schedule": Options(SCHEDULES),
         "lr_step": Interval(int, 0), "class_weight": Options(CLASS_WEIGHTS),

@@ -68,8 +68,10 @@ class ExportSummary:
 
     def line(self) -> str:
         b = self.meta["backbone"]
+        h = self.meta["head"]
+        rows = (f" (embeds its {h['bank_rows']} training rows)" if "bank_rows" in h else "")
         text = (f"{self.path}: {self.format}, {self.size_bytes / 2**20:.1f} MiB, {b['backbone']} "
-                f"{b['layer_alias'] or b['layer']} + {self.meta['head']['kind']} head, "
+                f"{b['layer_alias'] or b['layer']} + {h['kind']} head{rows}, "
                 f"{len(self.class_names)} classes, input " + (
                     f"(N, 3, {self.input_size}, {self.input_size}) float in [0, 1]"
                     if self.meta["input"]["kind"] == "tensor" else
@@ -300,8 +302,9 @@ def _model_meta(config: ExportConfig, meta: dict, info: dict) -> dict:
         "backbone": {k: info[k] for k in ("backbone", "weights", "weights_sha256", "layer",
                                           "layer_alias", "feature_dim")},
         "cache": {k: meta["cache"].get(k) for k in ("path", "fingerprint", "precision", "dtype")},
-        "head": {k: meta.get(k) for k in ("run_id", "kind", "in_dim", "n_classes", "hidden",
-                                          "activation", "hyperparameters")},
+        "head": {**{k: meta.get(k) for k in ("run_id", "kind", "in_dim", "n_classes", "hidden",
+                                             "activation", "hyperparameters")},
+                 **{k: meta[k] for k in ("k", "temperature", "bank_rows") if k in meta}},
         "versions": {"pipeline": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__},
     }

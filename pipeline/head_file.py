@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRIN
 
 from ._files import make_folder, write_file, write_text
 from .config import ACTIVATIONS, HEADS
+from .knn_head import KNNHead
 
 HEAD_FORMAT = "pipeline-head/1"
 # Each of config.ACTIVATIONS -> its module in a saved mlp head.
@@ -35,9 +39,11 @@ def build_head(meta: dict) -> nn.Module:
     kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
     if kind in ("linear", "logreg"):
         return nn.Linear(d, c)
+    if kind == "knn":
+        return KNNHead(d, c, int(meta["bank_rows"]), int(meta["k"]), float(meta["temperature"]))
     if kind != "mlp":
-        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
-                         "or logreg")
+        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp, "
+                         "logreg or knn")
     act = _ACTIVATION[meta["activation"]]
     dims, layers = [d, *meta["hidden"], c], []
     for i, o in zip(dims[:-1], dims[1:]):
@@ -49,19 +55,42 @@ RETRAIN = "retrain it with `pipeline train-head`, or pick another run"
 WRITE_FIX = "free some space or write the runs to another -o folder"
 
 
-def save_head(run_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+def save_head(run_dir: str | Path, state: dict[str, torch.Tensor], meta: dict,
+              shared: dict | None = None) -> Path:
     """Write run_dir/head.pt (state_dict) and run_dir/head.json (metadata, plain JSON), each
-    under a temporary name first: a full disk leaves the previous files, never a torn one."""
+    under a temporary name first: a full disk leaves the previous files, never a torn one.
+
+    Tensors are stored as float32, except float16 and integer ones (a k-NN head's training
+    rows and labels), kept as they are. `shared`: one dict passed by runs whose state is the
+    same (the k-NN runs of a sweep): the first writes head.pt, the others hard-link it (copy
+    it where the filesystem has no hard links), so the bytes are on disk once."""
     run_dir = make_folder(run_dir, "run folder", WRITE_FIX)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
-    # Serialized in memory, then written by Python: torch.save reports a full disk as a
-    # RuntimeError ("unexpected pos ..."), which would read as a bug; a head is small.
-    buf = io.BytesIO()
-    torch.save(tensors, buf)
-    write_file(run_dir / "head.pt", lambda tmp: tmp.write_bytes(buf.getbuffer()), WRITE_FIX)
+    first = (shared or {}).get("head.pt")
+    if first is not None and first.is_file():
+        write_file(run_dir / "head.pt", lambda tmp: _link(first, tmp), WRITE_FIX)
+    else:
+        tensors = {k: v.detach().contiguous() if v.dtype in _KEPT_DTYPES
+                   else v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+        # Serialized in memory, then written by Python: torch.save reports a full disk as a
+        # RuntimeError ("unexpected pos ..."), which would read as a bug.
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        write_file(run_dir / "head.pt", lambda tmp: tmp.write_bytes(buf.getbuffer()), WRITE_FIX)
+        if shared is not None:
+            shared["head.pt"] = run_dir / "head.pt"
     write_text(run_dir / "head.json", json.dumps({"format": HEAD_FORMAT, **meta}, indent=2),
                WRITE_FIX)
     return run_dir
+
+
+_KEPT_DTYPES = (torch.float16, torch.int64)
+
+
+def _link(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
 
 
 def read_head_meta(path: str | Path) -> dict:
@@ -93,6 +122,12 @@ def check_head_meta(meta: dict, f: Fields) -> dict:
     else:
         f.may(meta, "hidden", optional(sizes))
         f.may(meta, "activation", optional(STRING))
+    if kind == "knn":
+        rows = f.need(meta, "bank_rows", POSITIVE)
+        f.need(meta, "k", Check(lambda v: POSITIVE.ok(v) and v <= rows,
+                                f"a positive integer <= bank_rows ({rows})"))
+        f.need(meta, "temperature", Check(lambda v: NUMBER.ok(v) and math.isfinite(v) and v > 0,
+                                          "a finite number > 0"))
     f.may(meta, "class_names", optional(Check(
         lambda v: STRINGS.ok(v) and len(v) == n_classes,
         f"a list of n_classes ({n_classes}) strings")))

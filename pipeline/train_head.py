@@ -8,7 +8,9 @@
 The experiments are the cartesian product of the config's tuple fields. Heads of one shape and
 optimizer (all linear AdamW heads, all 1024-unit ReLU MLPs with SGD, ...) train together as one
 `HeadStack`: each batch is read once and feeds every head through one matmul. logreg heads are
-scikit-learn fits, saved as the linear layer they are.
+scikit-learn fits, saved as the linear layer they are. knn heads are DINO's weighted k-NN
+(`knn`): every (k, T) scored from one search for the top max(k) neighbours, each saved as the
+training rows it votes with.
 
 Batch order and dropout noise come from `data_seed` and are shared by every head of a pass; a
 head's `seed` sets only its init. So a head trained in a sweep equals the same head trained
@@ -58,6 +60,7 @@ from ._records import (Result, TrainSummary, data_of, earlier_runs, record, reco
 from ._sweep import Experiment, check_config, experiments, passes
 from .config import TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
+from .knn import check_rows, fit_knn
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
     readers: list[CacheReader] = []
     try:
         train, val, test = open_splits(train_path, val_path, test_path, config, readers)
+        check_rows(sweep, len(train.rows))
         names = train.reader.class_names
         warnings = _class_warnings(train, names)
         # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
@@ -97,8 +101,9 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                  f"{len(val.rows)} rows" if val else "none")
         rows = []
         for i, group in enumerate(groups, 1):
-            results = (_fit_logreg(group, ctx) if group[0].kind == "logreg"
-                       else _train_pass(group, ctx, (i, len(groups)), on_epoch))
+            kind = group[0].kind
+            results = (_fit_logreg(group, ctx) if kind == "logreg" else fit_knn(group, ctx)
+                       if kind == "knn" else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # Another sweep into this folder may have recorded runs since: merge under its lock.
@@ -131,7 +136,7 @@ def _class_warnings(train: Split, names: list[str]) -> list[str]:
 def _moments(train: Split, sweep: list[Experiment], cfg: TrainConfig):
     """The training rows' (mean, std) when some head of the sweep trains standardized."""
     kinds = {e.kind for e in sweep}
-    if (cfg.standardize and kinds - {"logreg"}) or (cfg.logreg_standardize and "logreg" in kinds):
+    if (cfg.standardize and kinds - {"logreg", "knn"}) or (cfg.logreg_standardize and "logreg" in kinds):
         return feature_moments(train)
     return None
 

@@ -28,7 +28,8 @@ from torch import nn
 from cache import CacheWriter, partial_path, read_manifest
 from cache.errors import UserError
 from cli.main import main
-from pipeline.config import ExportConfig, ExtractConfig, TrainConfig
+from pipeline._records import CSV_COLUMNS
+from pipeline.config import HEADS, ExportConfig, ExtractConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.head_file import load_head
@@ -227,7 +228,7 @@ HEAD_DAMAGE = {
                                                   "missing)"),
     "class_names: 5": (lambda m: m.update(class_names=5),
                        "class_names must be a list of n_classes (3) strings or null (got 5)"),
-    "kind: 3": (lambda m: m.update(kind=3), "kind must be one of linear, mlp, logreg (got 3)"),
+    "kind: 3": (lambda m: m.update(kind=3), f"kind must be one of {', '.join(HEADS)} (got 3)"),
     "preprocessing as text": (lambda m: m["cache"].update(preprocessing="32px"),
                               "cache.preprocessing must be an object (got '32px')"),
     "hash split without fraction": (lambda m: m["data"]["val"].pop("fraction"),
@@ -303,7 +304,7 @@ RESULTS_DAMAGE = {
     "a run id outside the folder": (lambda rows: rows[1].__setitem__(1, "../../etc"),
                                     "line 2, column run_id must be a run folder name"),
     "a short row": (lambda rows: rows[2].__delitem__(slice(3, None)),
-                    "line 3 must be 27 cells, one per column (got 3)"),
+                    f"line 3 must be {len(CSV_COLUMNS)} cells, one per column (got 3)"),
 }
 
 
