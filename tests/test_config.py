@@ -10,7 +10,7 @@ import pytest
 from cache.errors import UserError
 from cli.main import COMMANDS
 from cli.main_helpers import click_type, size_text
-from pipeline.config import (DemoConfig, ExportConfig, ExtractConfig, Options,
+from pipeline.config import (HEADS, DemoConfig, ExportConfig, ExtractConfig, Options,
                              PredictConfig, ReportConfig, TrainConfig, validate)
 
 CONFIGS = (ExtractConfig, TrainConfig, ExportConfig, PredictConfig, ReportConfig, DemoConfig)
@@ -32,7 +32,7 @@ def test_defaults_are_allowed_and_every_constraint_names_a_field(cls):
     (TrainConfig(lr=(math.inf,)), "--lr inf: use a finite number > 0"),
     (TrainConfig(dropout=(0.5, 1.0)), r"--dropout 1.0: use a finite number in [0, 1)"),
     (TrainConfig(momentum=math.nan), "--momentum nan: use a finite number in [0, 1]"),
-    (TrainConfig(head=("linear", "svm")), "unknown --head 'svm': choose from linear, mlp, logreg"),
+    (TrainConfig(head=("linear", "svm")), "unknown --head 'svm': choose from " + ", ".join(HEADS)),
     (TrainConfig(seed=()), "--seed is empty: give at least one value"),
     (TrainConfig(views=0), "--views 0: use an integer >= 1"),
     (ReportConfig(dpi=19), "--dpi 19: use an integer >= 20"),

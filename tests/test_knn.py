@@ -19,7 +19,7 @@ from cli.main import main
 from pipeline.config import ExportConfig, ExtractConfig, PredictConfig, TrainConfig
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.knn import top_neighbours
 from pipeline.predict import predict
 from pipeline.report import report
@@ -197,7 +197,7 @@ def _error(args):
 
 @pytest.mark.parametrize("option, words", [
     (["--k", "0"], ["--k 0", ">= 1"]),
-    (["--k", "5,-1"], ["--k 5,-1", ">= 1"]),
+    (["--k", "5,-1"], ["--k -1", ">= 1"]),
     (["--k", "301"], ["--k 301", "300 training rows", "k <= 300"]),
     (["--temperature", "0"], ["--temperature 0", "> 0"]),
     (["--temperature", "-0.1"], ["--temperature -0.1", "> 0"]),
