@@ -40,12 +40,13 @@ from .heads import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",
-               "dropout", "label_smoothing", "seed", "C", "epochs_run", "best_epoch", "train_loss",
-               "train_acc", "val_acc", "val_top5", "val_balanced_acc", "val_loss", "best_val_acc",
-               "last_val_acc", "test_acc", "test_top5", "test_balanced_acc", "test_loss", "path")
+               "dropout", "label_smoothing", "seed", "C", "alpha", "shrinkage", "epochs_run",
+               "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5", "val_balanced_acc",
+               "val_loss", "best_val_acc", "last_val_acc", "test_acc", "test_top5",
+               "test_balanced_acc", "test_loss", "loo_acc", "loo_mse", "path")
 # The sweep axes among them, in the order TrainConfig lists them.
 AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
-        "label_smoothing", "seed", "C")
+        "label_smoothing", "seed", "C", "alpha", "shrinkage")
 TEXT_COLUMNS = ("run_id", "head", "hidden", "activation", "optimizer", "path")
 INT_COLUMNS = ("rank", "seed", "epochs_run", "best_epoch")
 VAL_HASH_SPLIT, VAL_CACHE = "hash_split", "cache"        # head.json data.val kinds
@@ -96,6 +97,10 @@ def run_label(e: Experiment) -> str:
     """The readable part of a run id: the head kind and its hyper-parameters."""
     if e.kind == "logreg":
         return f"logreg-C{e.C:g}"
+    if e.kind == "ridge":
+        return f"ridge-alpha{e.alpha:g}"
+    if e.kind == "lda":
+        return f"lda-shrinkage{e.shrinkage:g}"
     shape = "linear" if e.kind == "linear" else f"mlp{'x'.join(map(str, e.hidden))}-{e.activation}"
     return (f"{shape}-{e.optimizer}-lr{e.lr:g}-wd{e.weight_decay:g}-do{e.dropout:g}"
             f"-ls{e.label_smoothing:g}-s{e.seed}")
@@ -146,8 +151,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "run_id": run_id, "head": e.kind, "hidden": "x".join(map(str, e.hidden or ())) or None,
         "activation": e.activation, "optimizer": e.optimizer, "lr": e.lr,
         "weight_decay": e.weight_decay, "dropout": e.dropout, "label_smoothing": e.label_smoothing,
-        "seed": e.seed, "C": e.C, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
-        # The clean evaluation on the training rows where there is one (logreg always, every
+        "seed": e.seed, "C": e.C, "alpha": e.alpha, "shrinkage": e.shrinkage, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
+        # The clean evaluation on the training rows where there is one (logreg, ridge, lda, every
         # head without validation data), else the last epoch's running values (dropout and
         # label smoothing included).
         "train_loss": train.get("log_loss", last.get("train_loss")),
@@ -159,6 +164,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "last_val_acc": last.get("val_acc", val.get("top1")),
         "test_acc": test.get("top1"), "test_top5": test.get("top5"),
         "test_balanced_acc": test.get("balanced_accuracy"), "test_loss": test.get("log_loss"),
+        # ridge: leave-one-out accuracy and squared error on the training rows (closed form)
+        "loo_acc": r.extra.get("loo_acc"), "loo_mse": r.extra.get("loo_mse"),
         "path": str(run_dir),
     }
 

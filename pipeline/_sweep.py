@@ -1,5 +1,6 @@
 """The sweep of `train_head`: experiments from a TrainConfig, the checks of its settings, and
-the passes that train them (heads of one shape and optimizer together, within a memory bound)."""
+the passes that train them (heads of one shape and optimizer together, within a memory bound;
+logreg fits together; ridge and lda heads together, from one pass of statistics)."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 from cache.errors import UserError
 
-from .config import ACTIVATIONS, CLASS_WEIGHTS, HEADS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .config import (ACTIVATIONS, CLASS_WEIGHTS, CLOSED_FORM, HEADS, OPTIMIZERS, SCHEDULES,
+                     TrainConfig)
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,15 @@ class Experiment:
     label_smoothing: float | None = None
     seed: int | None = None
     C: float | None = None
+    alpha: float | None = None
+    shrinkage: float | None = None
 
     def params(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        for key in ("alpha", "shrinkage"):     # absent when unused: older run ids stay the same
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -40,6 +47,12 @@ def experiments(cfg: TrainConfig) -> list[Experiment]:
     for kind in cfg.head:
         if kind == "logreg":
             out += [Experiment("logreg", C=float(c)) for c in cfg.C]
+            continue
+        if kind == "ridge":
+            out += [Experiment("ridge", alpha=float(a)) for a in cfg.alpha]
+            continue
+        if kind == "lda":
+            out += [Experiment("lda", shrinkage=float(s)) for s in cfg.shrinkage]
             continue
         shapes = [((), None)] if kind == "linear" else itertools.product(cfg.hidden, cfg.activation)
         for (hidden, act), (opt, lr, wd, do, ls, seed) in itertools.product(shapes, torch_axes):
@@ -61,7 +74,8 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
                 bad(f"unknown --{name} {v!r}", f"choose from {', '.join(allowed)}")
     positive, fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
     rules = {"lr": positive, "C": positive, "weight_decay": (lambda v: v >= 0, ">= 0"),
-             "dropout": fraction, "label_smoothing": fraction}
+             "dropout": fraction, "label_smoothing": fraction, "alpha": positive,
+             "shrinkage": (lambda v: 0 <= v <= 1, "in [0, 1]")}
     for name, (ok, text) in rules.items():
         for v in getattr(cfg, name):
             # inf passes `> 0` and trains to NaN losses: every value must be a finite number.
@@ -85,6 +99,11 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
     for name in ("patience", "shuffle_chunks", "lr_step"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}", "use a value >= 0")
+    closed = [k for k in cfg.head if k in CLOSED_FORM]
+    if closed and cfg.class_weight != "none":
+        bad(f"--class-weight {cfg.class_weight} with --head {closed[0]}",
+            f"{closed[0]} heads weigh every row alike: drop --class-weight or train logreg, "
+            "linear or mlp heads")
     if cfg.patience and not (has_val or cfg.val_fraction > 0):
         bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 
@@ -95,10 +114,13 @@ def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainCo
     that a pass's parameters and optimizer state stay under a quarter of --max-memory."""
     groups: dict[tuple, list[Experiment]] = {}
     for e in experiments:
-        groups.setdefault((e.kind, e.hidden, e.activation, e.optimizer), []).append(e)
+        # ridge and lda heads share one pass of statistics
+        key = ("ridge", None, None, None) if e.kind in CLOSED_FORM else (
+            e.kind, e.hidden, e.activation, e.optimizer)
+        groups.setdefault(key, []).append(e)
     out = []
     for (kind, hidden, _, _), group in groups.items():
-        if kind == "logreg":
+        if kind in ("logreg", "ridge"):
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]

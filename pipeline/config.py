@@ -13,7 +13,9 @@ from dataclasses import dataclass
 POOLS = ("flatten", "avg")                              # how a spatial cut becomes a vector
 DTYPES = ("float16", "float32")                         # storage dtype of cached features
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
-HEADS = ("linear", "mlp", "logreg")
+HEADS = ("linear", "mlp", "logreg", "ridge", "lda")
+CLOSED_FORM = ("ridge", "lda")              # heads solved from one pass of statistics
+LINEAR_LAYER = ("linear", "logreg", "ridge", "lda")   # heads saved as one nn.Linear
 ACTIVATIONS = ("relu", "gelu", "tanh")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
@@ -58,11 +60,11 @@ class TrainConfig:
 
     Tuple fields are sweep axes: the experiments are their cartesian product, each head kind
     taking only the axes it uses (linear: optimizer..seed; mlp: also hidden, activation;
-    logreg: C). The other fields are shared by every experiment of the sweep. Stored in
+    logreg: C; ridge: alpha; lda: shrinkage). The other fields are shared by every experiment of the sweep. Stored in
     every run's metadata.
     """
     # Sweep axes.
-    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg
+    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg, ridge, lda
     hidden: tuple[tuple[int, ...], ...] = ((1024,),)  # mlp hidden sizes, e.g. ((512,), (1024, 256))
     activation: tuple[str, ...] = ("relu",)           # mlp: relu, gelu, tanh
     optimizer: tuple[str, ...] = ("adamw",)           # adamw, sgd (with --momentum)
@@ -72,6 +74,8 @@ class TrainConfig:
     label_smoothing: tuple[float, ...] = (0.0,)       # cross-entropy label smoothing
     seed: tuple[int, ...] = (0,)                      # head initialisation
     C: tuple[float, ...] = (1.0,)                     # logreg inverse regularisation strength
+    alpha: tuple[float, ...] = (1.0,)                 # ridge regularisation strength (> 0)
+    shrinkage: tuple[float, ...] = (0.0,)             # lda covariance shrinkage, in [0, 1]
     # Shared by the whole sweep.
     epochs: int = 20                  # passes over the training rows
     batch_size: int = 256             # rows per step

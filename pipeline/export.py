@@ -47,7 +47,7 @@ from cache.store import CacheReader, fsync_path
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, ImageInput, Preprocessing, build_backbone,
                        builder_kwargs, final_layer, is_timm, to_float_batch)
-from .config import FORMATS, INPUTS, ExportConfig
+from .config import FORMATS, INPUTS, LINEAR_LAYER, ExportConfig
 from .heads import load_head
 from .images import BadImageError, read_image
 from .models import META_NAME, MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
@@ -229,10 +229,10 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
     if fmt != "torchvision":
         return
     cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
-    if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in ("linear", "logreg"):
+    if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in LINEAR_LAYER:
         raise UserError(f"--format torchvision is a torchvision model with its last layer "
                         f"replaced: it needs a torchvision backbone cut at penultimate (VGG: fc7) "
-                        f"and a linear (or logreg) head, this is a {meta['kind']} head on "
+                        f"and a linear (or logreg, ridge, lda) head, this is a {meta['kind']} head on "
                         f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
     backbone = meta["cache"]["backbone"]
     # A VGG's penultimate cut is known without building it; other backbones are checked when

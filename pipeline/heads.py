@@ -25,7 +25,7 @@ standardized features are saved with the standardization folded into their first
 (`fold_standardization`), so every saved head takes raw features.
 
 Saved heads are plain modules that `build_head(meta)` rebuilds without this training code:
-linear and logreg heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
+linear, logreg, ridge and lda heads are an `nn.Linear(D, C)` (the tutorial's replacement fc8), mlp heads an
 `nn.Sequential(Linear, act, Linear, act, ..., Linear)` (dropout is a training-time setting).
 Export uses `load_head(run_dir) -> (module, meta)`.
 """
@@ -49,7 +49,7 @@ from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRIN
                             one_of, optional)
 
 from ._files import make_folder, write_file, write_text
-from .config import ACTIVATIONS, HEADS, OPTIMIZERS
+from .config import ACTIVATIONS, HEADS, LINEAR_LAYER, OPTIMIZERS
 
 HEAD_FORMAT = "pipeline-head/1"
 # Each of config.ACTIVATIONS -> (function for the stack, module for the saved head).
@@ -328,11 +328,11 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, max_iter:
 def build_head(meta: dict) -> nn.Module:
     """The plain module a saved head's state_dict loads into, from its JSON metadata."""
     kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
-    if kind in ("linear", "logreg"):
+    if kind in LINEAR_LAYER:
         return nn.Linear(d, c)
     if kind != "mlp":
-        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp "
-                         "or logreg")
+        raise UserError(f"unknown head kind {kind!r} in head metadata: expected one of "
+                        f"{', '.join(HEADS)}")
     act = _ACTIVATION[meta["activation"]][1]
     dims, layers = [d, *meta["hidden"], c], []
     for i, o in zip(dims[:-1], dims[1:]):

@@ -48,7 +48,8 @@ FIGURES = {"learning_curves": "Learning curves",
            "hyperparameters": "Validation accuracy by hyper-parameter",
            "confusion_matrix": "Confusion matrix of the best head",
            "misclassified": "Most confident mistakes of the best head"}
-_COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green"}
+_COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green", "ridge": "tab:red",
+           "lda": "tab:purple"}
 _GRID = "misclassified grid: "     # notes about the grid start so (the figure repeats them)
 _WRITE_FIX = "free some space or choose another -o"
 _THUMB = 256          # pixels: larger images are shrunk before they go into the grid

@@ -56,7 +56,8 @@ from ._files import check_folder, make_folder
 from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_label,
                        standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
-from .config import TrainConfig
+from .closed_form import fit_heads
+from .config import CLOSED_FORM, TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                  f"{len(val.rows)} rows" if val else "none")
         rows = []
         for i, group in enumerate(groups, 1):
-            results = (_fit_logreg(group, ctx) if group[0].kind == "logreg"
+            kind = group[0].kind
+            results = (_fit_logreg(group, ctx) if kind == "logreg"
+                       else _fit_closed_form(group, ctx) if kind in CLOSED_FORM
                        else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -240,10 +243,11 @@ def _fold(stack: HeadStack, moments: tuple[np.ndarray, np.ndarray]) -> None:
 
 def _finish(stack: HeadStack, group, history, best_epochs, ctx: Context, extra) -> list[Result]:
     """Final metrics of every head of a stack (taking raw features) on val and test, and on the
-    training rows when there is no validation data (or for logreg, which has no epochs);
+    training rows when there is no validation data (or for logreg, ridge and lda, which have no
+    epochs);
     package the results."""
     finals = [{} for _ in group]
-    on_train = ctx.val is None or group[0].kind == "logreg"
+    on_train = ctx.val is None or group[0].kind == "logreg" or group[0].kind in CLOSED_FORM
     for split in (ctx.train if on_train else None, ctx.val, ctx.test):
         if split is not None:
             for f, m in zip(finals, evaluate(stack, split.batches(), ctx.class_names)):
@@ -304,6 +308,21 @@ def _fit_logreg(group: list[Experiment], ctx: Context) -> list[Result]:
         if not extra[h]["converged"]:
             log.warning("logreg C=%g did not converge in %d iterations: raise --logreg-max-iter",
                         e.C, cfg.logreg_max_iter)
+    return _finish(stack, group, [[] for _ in group], [None] * len(group), ctx, extra)
+
+
+def _fit_closed_form(group: list[Experiment], ctx: Context) -> list[Result]:
+    """Every ridge alpha and lda shrinkage of the sweep from one pass of statistics over the
+    training rows (streamed when they are), each kept as the linear layer it is."""
+    train, c = ctx.train, len(ctx.class_names)
+    moments = ctx.moments if standardized(group[0].kind, ctx) else None
+    if moments is None:                # centred all the same: the intercept is not penalized
+        moments = (feature_moments(train)[0], np.ones(train.reader.feature_dim))
+    fits = fit_heads(group, train, c, moments)
+    stack = HeadStack(train.reader.feature_dim, c, seeds=[0] * len(group))
+    for h, (weight, bias, _) in enumerate(fits):
+        stack.set_head(h, {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)})
+    extra = {h: facts for h, (_, _, facts) in enumerate(fits)}
     return _finish(stack, group, [[] for _ in group], [None] * len(group), ctx, extra)
 
 
