@@ -108,7 +108,9 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--test", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Test cache: measured for every head, never used to pick one.")
 @_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
-       "(scikit-learn LogisticRegression).", HEADS, "KIND,...")
+       "(scikit-learn LogisticRegression), ridge (RidgeClassifier) and lda "
+       "(LinearDiscriminantAnalysis, lsqr solver), the last two in closed form.", HEADS,
+       "KIND,...")
 @_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
        metavar="H[xH],...")
 @_axis("activation", str, "mlp activations.", ACTIVATIONS, "ACT,...")
@@ -120,6 +122,10 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @_axis("label_smoothing", float, "Label smoothing of the cross-entropy.", metavar="EPS,...")
 @_axis("seed", int, "Head initialisation seeds.", metavar="SEED,...")
 @_axis("C", float, "logreg inverse regularisation strengths.", metavar="C,...")
+@_axis("alpha", float, "ridge regularisation strengths (> 0); every alpha costs about what one "
+       "does.", metavar="A,...")
+@_axis("shrinkage", float, "lda covariance shrinkages in [0, 1] (0: none, 1: the identity times "
+       "the mean variance).", metavar="S,...")
 @click.option("--epochs", type=click.IntRange(min=1), default=_D["epochs"], show_default=True,
               help="Passes over the training rows.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D["batch_size"],

@@ -56,7 +56,7 @@ from ._files import check_folder, make_folder
 from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_label,
                        standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
-from .closed_form import fit_heads
+from .closed_form import check_classes, fit_heads
 from .config import CLOSED_FORM, TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
 
@@ -85,6 +85,8 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
         train, val, test = open_splits(train_path, val_path, test_path, config, readers)
         names = train.reader.class_names
         warnings = _class_warnings(train, names)
+        for kind in dict.fromkeys(e.kind for e in sweep if e.kind in CLOSED_FORM):
+            check_classes(train.labels, kind)        # before any head trains
         # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
         earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
         memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
