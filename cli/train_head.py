@@ -144,6 +144,13 @@ def _axis(name: str, item, help: str, choices=None, metavar="A,B"):
 @click.option("--patience", type=click.IntRange(min=0), default=_D["patience"], show_default=True,
               help="Early stopping: stop a head after this many epochs without better validation "
                    "accuracy (ties: lower loss) and keep its best epoch; 0: off.")
+@click.option("--halving", is_flag=True, default=_D["halving"],
+              help="Successive halving: at epochs r, 2r, 4r, ... (r from --epochs and the number "
+                   "of heads) stop the heads of worse validation loss and train on with the "
+                   "rest; stopped heads keep their records.")
+@click.option("--halving-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=_D["halving_rate"], show_default=True,
+              help="Fraction of the training heads stopped at each halving.")
 @click.option("--data-seed", type=int, default=_D["data_seed"], show_default=True,
               help="Seed of the batch order and dropout noise, shared by all heads.")
 @click.option("--shuffle-chunks", type=click.IntRange(min=0), default=_D["shuffle_chunks"],

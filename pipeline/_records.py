@@ -43,12 +43,12 @@ CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "l
                "dropout", "label_smoothing", "seed", "C", "alpha", "shrinkage", "epochs_run",
                "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5", "val_balanced_acc",
                "val_loss", "best_val_acc", "last_val_acc", "test_acc", "test_top5",
-               "test_balanced_acc", "test_loss", "loo_acc", "loo_mse", "path")
+               "test_balanced_acc", "test_loss", "loo_acc", "loo_mse", "stopped_epoch", "path")
 # The sweep axes among them, in the order TrainConfig lists them.
 AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
         "label_smoothing", "seed", "C", "alpha", "shrinkage")
 TEXT_COLUMNS = ("run_id", "head", "hidden", "activation", "optimizer", "path")
-INT_COLUMNS = ("rank", "seed", "epochs_run", "best_epoch")
+INT_COLUMNS = ("rank", "seed", "epochs_run", "best_epoch", "stopped_epoch")
 VAL_HASH_SPLIT, VAL_CACHE = "hash_split", "cache"        # head.json data.val kinds
 
 
@@ -166,6 +166,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "test_balanced_acc": test.get("balanced_accuracy"), "test_loss": test.get("log_loss"),
         # ridge: leave-one-out accuracy and squared error on the training rows (closed form)
         "loo_acc": r.extra.get("loo_acc"), "loo_mse": r.extra.get("loo_mse"),
+        # --halving: the epoch after which this head stopped (None: it trained to the end)
+        "stopped_epoch": r.extra.get("stopped_epoch"),
         "path": str(run_dir),
     }
 
@@ -176,6 +178,8 @@ def _run_id(e: Experiment, ctx: Context) -> str:
     shared = {k: cfg[k] for k in ("epochs", "batch_size", "momentum", "schedule", "lr_step",
                                   "class_weight", "patience", "data_seed", "logreg_max_iter")}
     shared["standardize"] = standardized(e.kind, ctx)
+    if ctx.cfg.halving and e.kind not in ("logreg", "ridge", "lda"):   # (absent: older ids stay)
+        shared["halving_rate"] = ctx.cfg.halving_rate
     key = {"experiment": e.params(), "shared": shared, "window": ctx.window,
            "train": [mf.feature_fingerprint(ctx.train.reader.manifest), len(ctx.train.rows)],
            "val": len(ctx.val.rows) if ctx.val else 0}

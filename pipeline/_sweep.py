@@ -104,6 +104,13 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
         bad(f"--class-weight {cfg.class_weight} with --head {closed[0]}",
             f"{closed[0]} heads weigh every row alike: drop --class-weight or train logreg, "
             "linear or mlp heads")
+    if cfg.halving and not (has_val or cfg.val_fraction > 0):
+        bad("--halving needs validation rows to rank the heads by",
+            "give --val or --val-fraction > 0")
+    if cfg.halving and cfg.patience:
+        bad("--halving with --patience", "both stop heads early: use one of them")
+    if not (isinstance(cfg.halving_rate, (int, float)) and 0 < cfg.halving_rate < 1):
+        bad(f"--halving-rate {cfg.halving_rate}", "use a fraction in (0, 1)")
     if cfg.patience and not (has_val or cfg.val_fraction > 0):
         bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 

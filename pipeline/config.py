@@ -84,6 +84,9 @@ class TrainConfig:
     lr_step: int = 0                  # step schedule period in epochs; 0: a third of the epochs
     class_weight: str = "none"        # none, balanced (n / (classes * count), as scikit-learn)
     patience: int = 0                 # early stopping: epochs without better val accuracy; 0: off
+    halving: bool = False             # successive halving: at epochs r, 2r, 4r, ... stop the
+                                      # heads of worse validation loss, train on with the rest
+    halving_rate: float = 0.5         # fraction of the training heads stopped at each of those
     val_fraction: float = 0.1         # held out of TRAIN by path hash when no val cache is given
     data_seed: int = 0                # batch order and dropout noise (shared by a pass's heads)
     shuffle_chunks: int = 0           # shuffle window in HDF5 chunks; 0: all that fit in max_memory

@@ -58,6 +58,7 @@ from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_
 from ._sweep import Experiment, check_config, experiments, passes
 from .closed_form import check_classes, fit_heads
 from .config import CLOSED_FORM, TrainConfig
+from ._halving import keep_heads, rungs, shrink, survivors
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,17 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
     best = [(-1.0, math.inf, 0)] * k                                   # (acc, loss, epoch)
     history: list[list[dict]] = [[] for _ in group]
     step = 0
+    # Successive halving: the stack shrinks to the heads still training; alive[p] is the index
+    # in `group` of the head at stack position p, and `record` keeps every head of the pass.
+    alive, stopped = list(range(k)), {}
+    halving = set(rungs(cfg.epochs, k, cfg.halving_rate)) if cfg.halving else set()
+    record = HeadStack(stack.in_dim, stack.n_classes, [0] * k, stack.dropouts, stack.hidden,
+                       stack.activation) if halving else stack
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss_sum, correct = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long)
+        live = len(alive)                                               # heads training now
+        loss_sum = torch.zeros(live, dtype=torch.float64)
+        correct = torch.zeros(live, dtype=torch.long)
         for x, y in _scaled(ctx.train.epoch(order_gen, ctx.window, cfg.batch_size, epoch,
                                                  cfg.data_seed), norm):
             scale = _lr_scale(cfg, step, steps * cfg.epochs, epoch)
@@ -186,20 +195,29 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
         ev = (evaluate(stack, _scaled(ctx.val.batches(), norm), ctx.class_names)
               if ctx.val else None)
         for h in active.nonzero().flatten().tolist():
-            row = {"epoch": epoch, "lr": group[h].lr * scale, "train_loss": loss_sum[h].item() / n,
+            g = alive[h]
+            row = {"epoch": epoch, "lr": group[g].lr * scale, "train_loss": loss_sum[h].item() / n,
                    "train_acc": correct[h].item() / n}
             if ev:
                 row.update(val_loss=ev[h]["log_loss"], val_acc=ev[h]["top1"],
                            val_balanced_acc=ev[h]["balanced_accuracy"])
-                if (ev[h]["top1"], -ev[h]["log_loss"]) > (best[h][0], -best[h][1]):
-                    best[h] = (ev[h]["top1"], ev[h]["log_loss"], epoch)
+                if (ev[h]["top1"], -ev[h]["log_loss"]) > (best[g][0], -best[g][1]):
+                    best[g] = (ev[h]["top1"], ev[h]["log_loss"], epoch)
                     if best_params is not None:
                         with torch.no_grad():
                             for b, p in zip(best_params, stack.params):
                                 b[h].copy_(p[h])
-                elif cfg.patience and epoch - best[h][2] >= cfg.patience:
+                elif cfg.patience and epoch - best[g][2] >= cfg.patience:
                     active[h] = False
-            history[h].append(row)
+            history[g].append(row)
+        if epoch in halving:
+            keep = survivors([m["log_loss"] for m in ev], cfg.halving_rate)
+            gone = [h for h in range(len(alive)) if h not in keep]
+            keep_heads(record, stack, gone, alive)
+            stopped.update({alive[h]: {"stopped_epoch": epoch} for h in gone})
+            stack, opt = shrink(stack, opt, keep)
+            alive, active = [alive[h] for h in keep], active[keep]
+            smoothing = smoothing[keep]
         info = _epoch_info(where, group, epoch, cfg.epochs, history, active,
                            time.perf_counter() - t0)
         _log_epoch(info)
@@ -211,9 +229,12 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
         with torch.no_grad():
             for b, p in zip(best_params, stack.params):
                 p.copy_(b)
+    if halving:
+        keep_heads(record, stack, list(range(len(alive))), alive)
+        stack = record
     if norm is not None:
         _fold(stack, ctx.moments)
-    return _finish(stack, group, history, [b[2] or None for b in best], ctx, {})
+    return _finish(stack, group, history, [b[2] or None for b in best], ctx, stopped)
 
 
 def _scaling(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
