@@ -8,7 +8,10 @@
 The experiments are the cartesian product of the config's tuple fields. Heads of one shape and
 optimizer (all linear AdamW heads, all 1024-unit ReLU MLPs with SGD, ...) train together as one
 `HeadStack`: each batch is read once and feeds every head through one matmul. logreg heads are
-scikit-learn fits, saved as the linear layer they are.
+scikit-learn fits, saved as the linear layer they are; ridge and lda heads are solved in closed
+form from one pass of statistics over the training rows (`closed_form`), every alpha and
+shrinkage from one eigendecomposition. With `halving`, a pass stops the heads of worse
+validation loss at epochs r, 2r, 4r, ... and trains on with the rest (`_halving`).
 
 Batch order and dropout noise come from `data_seed` and are shared by every head of a pass; a
 head's `seed` sets only its init. So a head trained in a sweep equals the same head trained
