@@ -35,7 +35,7 @@ from ._feature_splits import Context
 from ._files import write_file, write_text
 from ._sweep import Experiment
 from ._version import __version__
-from .config import HEADS
+from .config import CLOSED_FORM, HEADS
 from .heads import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
@@ -178,7 +178,7 @@ def _run_id(e: Experiment, ctx: Context) -> str:
     shared = {k: cfg[k] for k in ("epochs", "batch_size", "momentum", "schedule", "lr_step",
                                   "class_weight", "patience", "data_seed", "logreg_max_iter")}
     shared["standardize"] = standardized(e.kind, ctx)
-    if ctx.cfg.halving and e.kind not in ("logreg", "ridge", "lda"):   # (absent: older ids stay)
+    if ctx.cfg.halving and e.kind not in ("logreg", *CLOSED_FORM):   # (absent: older ids stay)
         shared["halving_rate"] = ctx.cfg.halving_rate
     key = {"experiment": e.params(), "shared": shared, "window": ctx.window,
            "train": [mf.feature_fingerprint(ctx.train.reader.manifest), len(ctx.train.rows)],

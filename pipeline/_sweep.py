@@ -122,12 +122,12 @@ def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainCo
     groups: dict[tuple, list[Experiment]] = {}
     for e in experiments:
         # ridge and lda heads share one pass of statistics
-        key = ("ridge", None, None, None) if e.kind in CLOSED_FORM else (
+        key = ("closed form", None, None, None) if e.kind in CLOSED_FORM else (
             e.kind, e.hidden, e.activation, e.optimizer)
         groups.setdefault(key, []).append(e)
     out = []
     for (kind, hidden, _, _), group in groups.items():
-        if kind in ("logreg", "ridge"):
+        if kind in ("logreg", "closed form"):
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]

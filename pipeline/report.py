@@ -185,7 +185,7 @@ def _learning_curves(rows: list[dict], runs: dict) -> Figure:
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no validation data" if key.startswith("val") else
-                    "no per-epoch history (lbfgs fits only)", ha="center", va="center",
+                    "no per-epoch history (fits without epochs only)", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     for ax in axes[1]:
         ax.set_xlabel("epoch")

@@ -56,12 +56,12 @@ from cache.store import CacheReader
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)
 from ._files import check_folder, make_folder
+from ._halving import keep_heads, rungs, shrink, survivors
 from ._records import (Result, TrainSummary, data_of, earlier_runs, record, run_label,
                        standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
 from .closed_form import check_classes, fit_heads
 from .config import CLOSED_FORM, TrainConfig
-from ._halving import keep_heads, rungs, shrink, survivors
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def _finish(stack: HeadStack, group, history, best_epochs, ctx: Context, extra) 
     epochs);
     package the results."""
     finals = [{} for _ in group]
-    on_train = ctx.val is None or group[0].kind == "logreg" or group[0].kind in CLOSED_FORM
+    on_train = ctx.val is None or group[0].kind in ("logreg", *CLOSED_FORM)
     for split in (ctx.train if on_train else None, ctx.val, ctx.test):
         if split is not None:
             for f, m in zip(finals, evaluate(stack, split.batches(), ctx.class_names)):
