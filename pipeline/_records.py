@@ -151,7 +151,8 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "run_id": run_id, "head": e.kind, "hidden": "x".join(map(str, e.hidden or ())) or None,
         "activation": e.activation, "optimizer": e.optimizer, "lr": e.lr,
         "weight_decay": e.weight_decay, "dropout": e.dropout, "label_smoothing": e.label_smoothing,
-        "seed": e.seed, "C": e.C, "alpha": e.alpha, "shrinkage": e.shrinkage, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
+        "seed": e.seed, "C": e.C, "alpha": e.alpha, "shrinkage": e.shrinkage,
+        "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
         # The clean evaluation on the training rows where there is one (logreg, ridge, lda, every
         # head without validation data), else the last epoch's running values (dropout and
         # label smoothing included).

@@ -17,10 +17,10 @@ eigendecomposition), W(alpha) = V diag(1 / (lam + alpha)) Vᵀ ZcᵀYc: the D x 
 When N < D (few rows, wide cuts), the rows are kept and the N x N matrix Zc Zcᵀ = U diag(sig) Uᵀ
 is decomposed instead: W(alpha) = Zcᵀ U diag(1 / (sig + alpha)) Uᵀ Yc, the same weights.
 
-Ridge's leave-one-out residuals have a closed form (the hat matrix H = 11ᵀ/N + Zc (Gc + alpha)⁻¹
-Zcᵀ, residual / (1 - H_ii); scikit-learn's RidgeCV): `ridge` returns, per alpha, the
-leave-one-out mean squared error on the targets and accuracy, with the standardization held
-fixed. The primal form reads the rows a second time for the diagonal of H.
+Ridge's leave-one-out residuals have a closed form (the hat matrix
+H = 11ᵀ/N + Zc (Gc + alpha)⁻¹ Zcᵀ, residual / (1 - H_ii); scikit-learn's RidgeCV): `ridge`
+returns, per alpha, the leave-one-out mean squared error on the targets and accuracy, with the
+standardization held fixed. The primal form reads the rows a second time for the diagonal of H.
 
 LDA is scikit-learn's LinearDiscriminantAnalysis(solver="lsqr", shrinkage=s): the pooled
 within-class covariance S (class priors n_c / N times each class's biased covariance), shrunk
@@ -212,7 +212,8 @@ def lda(stats: Statistics, shrinkages: Sequence[float]) -> list[tuple[np.ndarray
     eps = np.finfo(np.float64).eps
     fits = []
     if stats.rows is None:
-        within = (stats.gram - (stats.sums[present].T / stats.counts[present]) @ stats.sums[present]) / n
+        sums, counts = stats.sums[present], stats.counts[present]
+        within = (stats.gram - (sums.T / counts) @ sums) / n               # (D, D) pooled
         lam, v = np.linalg.eigh(within)                                 # (D,), (D, D)
         lam = np.maximum(lam, 0.0)
         mu = np.trace(within) / d

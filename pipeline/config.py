@@ -60,8 +60,8 @@ class TrainConfig:
 
     Tuple fields are sweep axes: the experiments are their cartesian product, each head kind
     taking only the axes it uses (linear: optimizer..seed; mlp: also hidden, activation;
-    logreg: C; ridge: alpha; lda: shrinkage). The other fields are shared by every experiment of the sweep. Stored in
-    every run's metadata.
+    logreg: C; ridge: alpha; lda: shrinkage). The other fields are shared by every experiment
+    of the sweep. Stored in every run's metadata.
     """
     # Sweep axes.
     head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg, ridge, lda
