@@ -9,7 +9,8 @@ shrinkage) for about the price of one.
 Both heads work on z = (x - shift) / scale (the training rows' mean and std: standardized, as
 the other heads; `fold_standardization` then makes layers that take raw x). The pass sums, in
 float64, the Gram matrix ZᵀZ (D, D), the class sums and counts; those are exact and additive
-over chunks, so a streamed split gives the bits an in-RAM one gives.
+over chunks, so a streamed split gives the bits an in-RAM one gives. A cache of augmented views
+contributes its plain view (view 0) of each image, as evaluation does.
 
 Ridge is scikit-learn's RidgeClassifier: least squares on {-1, +1} one-vs-rest targets with an
 unpenalized intercept (X and Y centred). With the centred Gram matrix Gc = V diag(lam) Vᵀ (one
