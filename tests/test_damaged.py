@@ -240,7 +240,7 @@ HEAD_DAMAGE = {
                                                   "missing)"),
     "class_names: 5": (lambda m: m.update(class_names=5),
                        "class_names must be a list of n_classes (3) strings or null (got 5)"),
-    "kind: 3": (lambda m: m.update(kind=3), "kind must be one of linear, mlp, logreg (got 3)"),
+    "kind: 3": (lambda m: m.update(kind=3), "kind must be one of linear, mlp, logreg, ridge, lda (got 3)"),
     "preprocessing as text": (lambda m: m["cache"].update(preprocessing="32px"),
                               "cache.preprocessing must be an object (got '32px')"),
     "hash split without fraction": (lambda m: m["data"]["val"].pop("fraction"),
