@@ -240,7 +240,8 @@ HEAD_DAMAGE = {
                                                   "missing)"),
     "class_names: 5": (lambda m: m.update(class_names=5),
                        "class_names must be a list of n_classes (3) strings or null (got 5)"),
-    "kind: 3": (lambda m: m.update(kind=3), "kind must be one of linear, mlp, logreg, ridge, lda (got 3)"),
+    "kind: 3": (lambda m: m.update(kind=3),
+                "kind must be one of linear, mlp, logreg, ridge, lda (got 3)"),
     "preprocessing as text": (lambda m: m["cache"].update(preprocessing="32px"),
                               "cache.preprocessing must be an object (got '32px')"),
     "hash split without fraction": (lambda m: m["data"]["val"].pop("fraction"),
@@ -316,7 +317,7 @@ RESULTS_DAMAGE = {
     "a run id outside the folder": (lambda rows: rows[1].__setitem__(1, "../../etc"),
                                     "line 2, column run_id must be a run folder name"),
     "a short row": (lambda rows: rows[2].__delitem__(slice(3, None)),
-                    "line 3 must be 27 cells, one per column (got 3)"),
+                    "line 3 must be 32 cells, one per column (got 3)"),
 }
 
 
