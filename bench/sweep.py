@@ -1,6 +1,7 @@
 """Sweep efficiency and accuracy: K heads in one `train_head` pass against K separate runs and
 against scikit-learn's LogisticRegression over K values of C, and what each costs to reach
-scikit-learn's best validation accuracy.
+scikit-learn's best validation accuracy; the closed-form ridge and LDA heads beside them; and
+--halving against the full sweep.
 
     .venv/bin/python bench/sweep.py [--rows 20000] [--epochs 4] [--repeats 4] [--threads 1]
 
@@ -16,15 +17,21 @@ decays the bias too, scikit-learn not its intercept): on 20,000 rows, decay 1 is
 scikit-learn's strongest C (1e-4) is decay 0.5.
 
   one pass   one train_head() call training the K heads together (each batch read once)
-  separate   K train_head() calls of one head each (each loads the cache, as K commands would).
-             The 8 runs of K=8 are measured per round; K=32 and K=128 are that time x K/8
-             (extrapolated)
+  separate   K train_head() calls of one head each (each loads the cache and writes a runs
+             folder of its own, as K commands would). The 8 runs of K=8 are measured per
+             round; K=32 and K=128 are that time x K/8 (extrapolated). Each run's head is
+             compared with the same head of the 8-head pass (weights and val acc)
   sklearn    load, StandardScaler fitted once, then LogisticRegression(C) per C (lbfgs,
              max_iter 1000), C log-spaced over 1e-4..1e2 (K=1: C=1, its default). K=1 and K=8
              are measured per round; K=32 and K=128 are the K=8 fits x K/8 plus one load and
              scaler (extrapolated; their best accuracy is the 8 measured fits')
   sgemm      a 1024 x D @ D x D matrix product: the machine's matmul rate at these threads,
              against which each epoch's GFLOP/s is put
+  ridge      one train_head() call of --head ridge with 1 alpha, and with 32 (log-spaced
+             1e-2..1e6): one pass of statistics and one eigendecomposition either way
+  lda        one train_head() call of --head lda with 8 shrinkages (0..1)
+  halving    the 64 heads lr x weight decay x seeds 0, 1 in one pass, in full and with
+             --halving (rate 0.5): best val acc and time
 
 k-NN rows (`knn_section`, also alone with --knn-only): the weighted k-NN probe on the same
 caches, one (k, T) = (10, 0.07) against 4 values of k (10, 20, 100, 200) x 2 of T (0.07, 0.2),
@@ -45,6 +52,7 @@ that lr and decay reach with each of the 4 seeds.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import warnings
@@ -67,6 +75,10 @@ LRS = (1e-3, 3e-3, 3e-4, 1e-2, 1e-4, 3e-2, 2e-3, 6e-3)      # the K=1 head first
 WDS = (0.0, 1e-2, 1e-1, 1.0)                                # L2 on the mean loss: C = 1/(wd rows)
 SEEDS = (0, 1, 2, 3)
 MEASURED_SEPARATE = 8
+# Closed-form heads. Standardized features make XᵀX's diagonal the number of rows, so alpha
+# spans 1e-2..1e6 around it; the single-alpha case takes the middle one.
+ALPHAS = tuple(np.logspace(-2, 6, 32).tolist())
+SHRINKAGES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.4, 0.7, 1.0)
 
 
 def grid(k: int) -> dict:
@@ -101,7 +113,8 @@ def main() -> None:
     shared = dict(epochs=args.epochs, batch_size=256, val_fraction=0.0)
     acc: dict[str, list[float]] = {}          # case -> val accuracy of each head (last round)
     epoch_s: dict[str, list[float]] = {}      # case -> epoch seconds (all rounds)
-    heads: dict[str, list[tuple]] = {}        # case -> (lr, weight decay, seed) of each head
+    heads: dict[str, list] = {}               # case -> (lr, weight decay, seed) of each head
+    paths: dict[str, list[str]] = {}          # case -> run folder of each head (grid order)
 
     def one_pass(k: int):
         def case() -> float:
@@ -112,17 +125,23 @@ def main() -> None:
             board = sorted(s.leaderboard, key=_key)
             acc[f"pass{k}"] = [r["val_acc"] for r in board]
             heads[f"pass{k}"] = [(r["lr"], r["weight_decay"], r["seed"]) for r in board]
+            paths[f"pass{k}"] = [r["path"] for r in board]
             epoch_s.setdefault(f"pass{k}", []).extend(ep.seconds)
             return seconds
         return case
 
     def separate() -> float:
-        t0, accs = time.perf_counter(), []
-        for lr in grid(MEASURED_SEPARATE)["lr"]:
+        # Each run in a folder of its own, as K separate commands would write: a shared folder
+        # merges the runs, and its leaderboard's best is then the best of every run so far.
+        t0, accs, paths = time.perf_counter(), [], []
+        for i, lr in enumerate(grid(MEASURED_SEPARATE)["lr"]):
             cfg = TrainConfig(**(grid(1) | {"lr": (lr,)}), **shared)   # K=1's decay and seed
-            s = train_head(train, tmp / "single", cfg, val)
-            accs.append(s.leaderboard[0]["val_acc"])
-        acc["separate"] = accs
+            runs = tmp / f"single{i}"
+            shutil.rmtree(runs, ignore_errors=True)
+            (row,) = train_head(train, runs, cfg, val).leaderboard      # this run's own head
+            accs.append(row["val_acc"])
+            paths.append(row["path"])
+        acc["separate"], heads["separate"] = accs, paths
         return time.perf_counter() - t0
 
     prep_s: dict[str, list[float]] = {"sklearn1": [], "sklearn8": []}   # load + scaler
@@ -140,8 +159,33 @@ def main() -> None:
     def sgemm() -> None:          # the machine's matmul rate at these threads: the limit
         torch.mm(a, b)
 
+    def closed(name: str, **axes):
+        def case() -> float:
+            t0 = time.perf_counter()
+            s = train_head(train, tmp / name, TrainConfig(**axes, **shared), val)
+            seconds = time.perf_counter() - t0
+            acc[name] = [r["val_acc"] for r in s.leaderboard]
+            return seconds
+        return case
+
+    def sixty_four(halving: bool):
+        def case() -> float:
+            t0, ep = time.perf_counter(), EpochTimes()
+            s = train_head(train, tmp / f"h{halving}", TrainConfig(
+                **grid(128) | {"seed": SEEDS[:2]}, **shared, halving=halving), val)
+            seconds = time.perf_counter() - t0
+            name = "halving64" if halving else "full64"
+            acc[name] = [r["val_acc"] for r in s.leaderboard]
+            epoch_s.setdefault(name, []).extend(ep.seconds)
+            return seconds
+        return case
+
     cases = {f"pass{k}": one_pass(k) for k in KS}
     cases |= {"separate": separate, "sklearn1": sklearn(1), "sklearn8": sklearn(8), "sgemm": sgemm}
+    cases |= {"ridge1": closed("ridge1", head=("ridge",), alpha=(ALPHAS[16],)),
+              "ridge32": closed("ridge32", head=("ridge",), alpha=ALPHAS),
+              "lda8": closed("lda8", head=("lda",), shrinkage=SHRINKAGES),
+              "full64": sixty_four(False), "halving64": sixty_four(True)}
     times = alternate(cases, args.repeats)
     for k in (32, 128):      # K fits: the 8 measured fits x K/8, one load and scaler
         times[f"sklearn{k}"] = [p + (s8 - p) * k / 8
@@ -184,9 +228,13 @@ def main() -> None:
     alone, together = acc["separate"], acc[f"pass{MEASURED_SEPARATE}"][:MEASURED_SEPARATE]
     differ = [f"lr {lr:g}: {x:.4f} alone, {y:.4f} in the pass"
               for lr, x, y in zip(LRS, alone, together) if x != y]
+    apart = [_max_diff(a, b) for a, b in zip(heads["separate"],
+                                               paths[f"pass{MEASURED_SEPARATE}"])]
     print(f"the {MEASURED_SEPARATE} heads trained alone vs the same heads in the "
           f"{MEASURED_SEPARATE}-head pass: {MEASURED_SEPARATE - len(differ)} reach the same val acc"
-          + (f"; {'; '.join(differ)} (rounding differences grow at the highest lr)" if differ else ""))
+          + (f"; {'; '.join(differ)} (rounding differences grow at the highest lr)" if differ else "")
+          + f"; weights differ by at most {max(apart):.2e} (per head: "
+          + ", ".join(f"{d:.1e}" for d in apart) + ")")
     print(_best_head(acc[f"pass{KS[-1]}"], heads[f"pass{KS[-1]}"], KS[-1]))
     sk_best = {k: max(acc[f"sklearn{min(k, 8)}"]) for k in KS}
     target = max(sk_best.values())
@@ -213,9 +261,53 @@ def main() -> None:
     ratio = paired(times, "pass32", "pass1")
     print(f"goal: 32 heads in one pass cost at most 3x one head: {ratio:.2f}x "
           f"({'met' if ratio <= 3 else 'NOT met'}); per epoch {ep[32] / ep[1]:.2f}x")
+    _closed_form_report(times, t, acc, target)
+    _halving_report(times, t, acc)
     print("\n" + knn_section(train, val, tmp, args, {
         f"linear, best of {KS[-1]} (one pass)": (t[f"pass{KS[-1]}"], max(acc[f"pass{KS[-1]}"])),
         "logreg, best of 8 values of C": (t["sklearn8"], max(acc["sklearn8"]))}))
+
+
+def _closed_form_report(times, t, acc, target) -> None:
+    """Ridge and LDA (whole train_head calls) beside the SGD heads and scikit-learn."""
+    rows = [[f"linear SGD, one pass of {KS[-1]} heads", t[f"pass{KS[-1]}"],
+             max(acc[f"pass{KS[-1]}"]), "-"],
+            ["scikit-learn LogisticRegression, 8 values of C", t["sklearn8"],
+             max(acc["sklearn8"]), "-"],
+            [f"ridge, 1 alpha ({ALPHAS[16]:g})", t["ridge1"], max(acc["ridge1"]),
+             paired(times, "ridge1", f"pass{KS[-1]}")],
+            [f"ridge, {len(ALPHAS)} alphas", t["ridge32"], max(acc["ridge32"]),
+             paired(times, "ridge32", f"pass{KS[-1]}")],
+            [f"lda, {len(SHRINKAGES)} shrinkages", t["lda8"], max(acc["lda8"]),
+             paired(times, "lda8", f"pass{KS[-1]}")]]
+    print("\n" + table(["heads (whole train_head call, or the scikit-learn sweep)", "s",
+                        "best val", f"s / SGD {KS[-1]}-head pass"], rows))
+    ratio = paired(times, "ridge32", "ridge1")
+    best = max(max(acc["ridge32"]), max(acc["lda8"]))
+    print(f"goal: {len(ALPHAS)} alphas take at most 1.5x one alpha (whole call): {ratio:.2f}x "
+          f"({'met' if ratio <= 1.5 else 'NOT met'}); best closed-form head {best:.4f} against "
+          f"scikit-learn logreg's best {target:.4f} and the best SGD head "
+          f"{max(acc[f'pass{KS[-1]}']):.4f}")
+
+
+def _halving_report(times, t, acc) -> None:
+    """--halving against the full sweep, same 64 heads."""
+    full, halved = max(acc["full64"]), max(acc["halving64"])
+    ratio = paired(times, "halving64", "full64")
+    print("\n" + table(["64 linear SGD heads (lr x decay x 2 seeds)", "s", "best val"],
+                       [["full sweep", t["full64"], full],
+                        ["--halving", t["halving64"], halved],
+                        ["--halving / full", ratio, halved - full]]))
+    ok = halved >= full - 0.01 and ratio <= 0.6
+    print(f"goal: --halving finds a head within one point of the full sweep's best in at most "
+          f"0.6x the time: {halved:.4f} against {full:.4f}, {ratio:.2f}x "
+          f"({'met' if ok else 'NOT met'})")
+
+
+def _max_diff(a: str, b: str) -> float:
+    """Largest absolute difference between the weights of two saved heads."""
+    x, y = (torch.load(f"{p}/head.pt", weights_only=True) for p in (a, b))
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
 KNN_ONE = {"k": (10,), "temperature": (0.07,)}

@@ -119,7 +119,8 @@ def _axis(name: str, item, help: str, metavar="A,B"):
               help="Test cache: measured for every head, never used to pick one.")
 @_axis("head", str, "Head kinds: linear (the tutorial's new last layer), mlp, logreg "
        "(scikit-learn LogisticRegression), knn (DINO's weighted k-nearest-neighbour vote: "
-       "no training).", "KIND,...")
+       "no training), ridge (RidgeClassifier) and lda (LinearDiscriminantAnalysis, lsqr "
+       "solver), the last two in closed form.", "KIND,...")
 @_axis("hidden", _hidden, "mlp hidden layer sizes, layers joined by x: 512,1024x256.",
        metavar="H[xH],...")
 @_axis("activation", str, "mlp activations.", "ACT,...")
@@ -135,6 +136,10 @@ def _axis(name: str, item, help: str, metavar="A,B"):
        "largest k.", metavar="K,...")
 @_axis("temperature", float, "knn: temperatures T of the votes, exp(cosine similarity / T).",
        metavar="T,...")
+@_axis("alpha", float, "ridge regularisation strengths (> 0); every alpha costs about what one "
+       "does.", metavar="A,...")
+@_axis("shrinkage", float, "lda covariance shrinkages in [0, 1] (0: none, 1: the identity times "
+       "the mean variance).", metavar="S,...")
 @click.option("--epochs", type=click_type(TrainConfig, "epochs"),
               default=_D["epochs"], show_default=True,
               help="Passes over the training rows.")
@@ -157,6 +162,13 @@ def _axis(name: str, item, help: str, metavar="A,B"):
               show_default=True,
               help="Early stopping: stop a head after this many epochs without better validation "
                    "accuracy (ties: lower loss) and keep its best epoch; 0: off.")
+@click.option("--halving", is_flag=True, default=_D["halving"],
+              help="Successive halving: at epochs r, 2r, 4r, ... (r from --epochs and the number "
+                   "of heads) stop the heads of worse validation loss and train on with the "
+                   "rest; stopped heads keep their records.")
+@click.option("--halving-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=_D["halving_rate"], show_default=True,
+              help="Fraction of the training heads stopped at each halving.")
 @click.option("--data-seed", type=int, default=_D["data_seed"], show_default=True,
               help="Seed of the batch order and dropout noise, shared by all heads.")
 @click.option("--shuffle-chunks", type=click_type(TrainConfig, "shuffle_chunks"),

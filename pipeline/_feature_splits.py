@@ -299,7 +299,7 @@ def plan_memory(train: Split, evals: list[Split], cfg: TrainConfig) -> dict:
         if window < 1 or window * per_chunk + chunk_bytes > cfg.max_memory:
             raise UserError(_window_error(cfg, per_chunk))
         used = window * per_chunk
-        if "logreg" in cfg.head:
+        if "logreg" in cfg.head:      # (ridge and lda heads stream: they sum over chunks)
             raise UserError(f"logreg heads need the training features in RAM "
                              f"({_size(train.nbytes)}, more than --max-memory "
                              f"{_size(cfg.max_memory)}): raise --max-memory or train linear heads")

@@ -38,20 +38,21 @@ from ._files import write_file, write_text
 from ._output import fcntl, open_lock_file, own_plain_file
 from ._sweep import Experiment
 from ._version import __version__
-from .config import HEADS
+from .config import CLOSED_FORM, HEADS
 from .head_file import WRITE_FIX, save_head
 
 # results.csv: one row per experiment, in leaderboard order. Empty cells are None.
 CSV_COLUMNS = ("rank", "run_id", "head", "hidden", "activation", "optimizer", "lr", "weight_decay",
-               "dropout", "label_smoothing", "seed", "C", "k", "temperature", "epochs_run",
-               "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5", "val_balanced_acc",
-               "val_loss", "best_val_acc", "last_val_acc", "test_acc", "test_top5",
-               "test_balanced_acc", "test_loss", "path")
+               "dropout", "label_smoothing", "seed", "C", "k", "temperature", "alpha", "shrinkage",
+               "epochs_run", "best_epoch", "train_loss", "train_acc", "val_acc", "val_top5",
+               "val_balanced_acc", "val_loss", "best_val_acc", "last_val_acc", "test_acc",
+               "test_top5", "test_balanced_acc", "test_loss", "loo_acc", "loo_mse",
+               "stopped_epoch", "path")
 # The sweep axes among them, in the order TrainConfig lists them.
 AXES = ("head", "hidden", "activation", "optimizer", "lr", "weight_decay", "dropout",
-        "label_smoothing", "seed", "C", "k", "temperature")
+        "label_smoothing", "seed", "C", "k", "temperature", "alpha", "shrinkage")
 TEXT_COLUMNS = ("run_id", "head", "hidden", "activation", "optimizer", "path")
-INT_COLUMNS = ("rank", "seed", "k", "epochs_run", "best_epoch")
+INT_COLUMNS = ("rank", "seed", "k", "epochs_run", "best_epoch", "stopped_epoch")
 VAL_HASH_SPLIT, VAL_CACHE = "hash_split", "cache"        # head.json data.val kinds
 
 
@@ -103,6 +104,10 @@ def run_label(e: Experiment) -> str:
         return f"logreg-C{e.C:g}"
     if e.kind == "knn":
         return f"knn-k{e.k}-T{e.temperature:g}"
+    if e.kind == "ridge":
+        return f"ridge-alpha{e.alpha:g}"
+    if e.kind == "lda":
+        return f"lda-shrinkage{e.shrinkage:g}"
     shape = "linear" if e.kind == "linear" else f"mlp{'x'.join(map(str, e.hidden))}-{e.activation}"
     return (f"{shape}-{e.optimizer}-lr{e.lr:g}-wd{e.weight_decay:g}-do{e.dropout:g}"
             f"-ls{e.label_smoothing:g}-s{e.seed}")
@@ -155,9 +160,9 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "run_id": run_id, "head": e.kind, "hidden": "x".join(map(str, e.hidden or ())) or None,
         "activation": e.activation, "optimizer": e.optimizer, "lr": e.lr,
         "weight_decay": e.weight_decay, "dropout": e.dropout, "label_smoothing": e.label_smoothing,
-        "seed": e.seed, "C": e.C, "k": e.k, "temperature": e.temperature,
-        "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
-        # The clean evaluation on the training rows where there is one (logreg always, every
+        "seed": e.seed, "C": e.C, "k": e.k, "temperature": e.temperature, "alpha": e.alpha,
+        "shrinkage": e.shrinkage, "epochs_run": len(r.history) or None, "best_epoch": r.best_epoch,
+        # The clean evaluation on the training rows where there is one (logreg, ridge, lda, every
         # head without validation data), else the last epoch's running values (dropout and
         # label smoothing included).
         "train_loss": train.get("log_loss", last.get("train_loss")),
@@ -169,6 +174,10 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "last_val_acc": last.get("val_acc", val.get("top1")),
         "test_acc": test.get("top1"), "test_top5": test.get("top5"),
         "test_balanced_acc": test.get("balanced_accuracy"), "test_loss": test.get("log_loss"),
+        # ridge: leave-one-out accuracy and squared error on the training rows (closed form)
+        "loo_acc": r.extra.get("loo_acc"), "loo_mse": r.extra.get("loo_mse"),
+        # --halving: the epoch after which this head stopped (None: it trained to the end)
+        "stopped_epoch": r.extra.get("stopped_epoch"),
         "path": str(run_dir),
     }
 
@@ -179,6 +188,8 @@ def _run_id(e: Experiment, ctx: Context) -> str:
     shared = {k: cfg[k] for k in ("epochs", "batch_size", "momentum", "schedule", "lr_step",
                                   "class_weight", "patience", "data_seed", "logreg_max_iter")}
     shared["standardize"] = standardized(e.kind, ctx)
+    if ctx.cfg.halving and e.kind not in ("logreg", *CLOSED_FORM):   # (absent: older ids stay)
+        shared["halving_rate"] = ctx.cfg.halving_rate
     key = {"experiment": e.params(), "shared": shared, "window": ctx.window,
            "train": [mf.feature_fingerprint(ctx.train.reader.manifest), len(ctx.train.rows)],
            "val": len(ctx.val.rows) if ctx.val else 0}

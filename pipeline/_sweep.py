@@ -1,5 +1,6 @@
 """The sweep of `train_head`: experiments from a TrainConfig, the checks of its settings, and
-the passes that train them (heads of one shape and optimizer together, within a memory bound)."""
+the passes that train them (heads of one shape and optimizer together, within a memory bound;
+logreg fits together; ridge and lda heads together, from one pass of statistics)."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from cache.errors import UserError
 
-from .config import TrainConfig, validate
+from .config import CLOSED_FORM, TrainConfig, validate
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,14 @@ class Experiment:
     C: float | None = None
     k: int | None = None
     temperature: float | None = None
+    alpha: float | None = None
+    shrinkage: float | None = None
 
     def params(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
         # Only where set: the run ids of the other kinds, hashed from these, stay as they were.
-        for key in ("k", "temperature"):
+        for key in ("k", "temperature", "alpha", "shrinkage"):
             if d[key] is None:
                 del d[key]
         return d
@@ -50,6 +53,12 @@ def experiments(cfg: TrainConfig) -> list[Experiment]:
             out += [Experiment("knn", k=int(k), temperature=float(t))
                     for k, t in itertools.product(cfg.k, cfg.temperature)]
             continue
+        if kind == "ridge":
+            out += [Experiment("ridge", alpha=float(a)) for a in cfg.alpha]
+            continue
+        if kind == "lda":
+            out += [Experiment("lda", shrinkage=float(s)) for s in cfg.shrinkage]
+            continue
         shapes = [((), None)] if kind == "linear" else itertools.product(cfg.hidden, cfg.activation)
         for (hidden, act), (opt, lr, wd, do, ls, seed) in itertools.product(shapes, torch_axes):
             out.append(Experiment(kind, tuple(int(h) for h in hidden), act, opt, float(lr),
@@ -65,6 +74,16 @@ def check_config(cfg: TrainConfig, has_val: bool) -> None:
     validate(cfg)
     if "mlp" in cfg.head and (not cfg.hidden or any(not h or min(h) < 1 for h in cfg.hidden)):
         bad(f"--hidden {cfg.hidden}", "give layer sizes >= 1, e.g. 512 or 1024x256")
+    closed = [k for k in cfg.head if k in CLOSED_FORM]
+    if closed and cfg.class_weight != "none":
+        bad(f"--class-weight {cfg.class_weight} with --head {closed[0]}",
+            f"{closed[0]} heads weigh every row alike: drop --class-weight or train logreg, "
+            "linear or mlp heads")
+    if cfg.halving and not (has_val or cfg.val_fraction > 0):
+        bad("--halving needs validation rows to rank the heads by",
+            "give --val or --val-fraction > 0")
+    if cfg.halving and cfg.patience:
+        bad("--halving with --patience", "both stop heads early: use one of them")
     if cfg.patience and not (has_val or cfg.val_fraction > 0):
         bad("--patience (early stopping) needs validation data", "give --val or --val-fraction > 0")
 
@@ -75,10 +94,13 @@ def passes(experiments: list[Experiment], dim: int, n_classes: int, cfg: TrainCo
     that a pass's parameters and optimizer state stay under a quarter of --max-memory."""
     groups: dict[tuple, list[Experiment]] = {}
     for e in experiments:
-        groups.setdefault((e.kind, e.hidden, e.activation, e.optimizer), []).append(e)
+        # ridge and lda heads share one pass of statistics
+        key = ("closed form", None, None, None) if e.kind in CLOSED_FORM else (
+            e.kind, e.hidden, e.activation, e.optimizer)
+        groups.setdefault(key, []).append(e)
     out = []
     for (kind, hidden, _, _), group in groups.items():
-        if kind in ("logreg", "knn"):   # fits without a stack: one pass for the kind
+        if kind in ("logreg", "knn", "closed form"):   # fits without a stack: one pass each
             out.append(group)
             continue
         dims = [dim, *hidden, n_classes]

@@ -20,7 +20,9 @@ from cache.errors import UserError
 POOLS = ("flatten", "avg")                              # how a spatial cut becomes a vector
 DTYPES = ("float16", "float32")                         # storage dtype of cached features
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
-HEADS = ("linear", "mlp", "logreg", "knn")
+HEADS = ("linear", "mlp", "logreg", "knn", "ridge", "lda")
+CLOSED_FORM = ("ridge", "lda")              # heads solved from one pass of statistics
+LINEAR_LAYER = ("linear", "logreg", "ridge", "lda")   # heads saved as one nn.Linear
 ACTIVATIONS = ("relu", "gelu", "tanh")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
@@ -150,11 +152,11 @@ class TrainConfig:
 
     Tuple fields are sweep axes: the experiments are their cartesian product, each head kind
     taking only the axes it uses (linear: optimizer..seed; mlp: also hidden, activation;
-    logreg: C; knn: k, temperature). The other fields are shared by every experiment of the
-    sweep. Stored in every run's metadata.
+    logreg: C; knn: k, temperature; ridge: alpha; lda: shrinkage). The other fields are shared
+    by every experiment of the sweep. Stored in every run's metadata.
     """
     # Sweep axes.
-    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg, knn
+    head: tuple[str, ...] = ("linear",)               # linear, mlp, logreg, knn, ridge, lda
     hidden: tuple[tuple[int, ...], ...] = ((1024,),)  # mlp hidden sizes, e.g. ((512,), (1024, 256))
     activation: tuple[str, ...] = ("relu",)           # mlp: relu, gelu, tanh
     optimizer: tuple[str, ...] = ("adamw",)           # adamw, sgd (with --momentum)
@@ -166,6 +168,8 @@ class TrainConfig:
     C: tuple[float, ...] = (1.0,)                     # logreg inverse regularisation strength
     k: tuple[int, ...] = (10, 20, 100, 200)           # knn: neighbours that vote (DINO's k-NN)
     temperature: tuple[float, ...] = (0.07,)          # knn: a neighbour's vote is exp(cos / T)
+    alpha: tuple[float, ...] = (1.0,)                 # ridge regularisation strength (> 0)
+    shrinkage: tuple[float, ...] = (0.0,)             # lda covariance shrinkage, in [0, 1]
     # Shared by the whole sweep.
     epochs: int = 20                  # passes over the training rows
     batch_size: int = 256             # rows per step
@@ -174,6 +178,9 @@ class TrainConfig:
     lr_step: int = 0                  # step schedule period in epochs; 0: a third of the epochs
     class_weight: str = "none"        # none, balanced (n / (classes * count), as scikit-learn)
     patience: int = 0                 # early stopping: epochs without better val accuracy; 0: off
+    halving: bool = False             # successive halving: at epochs r, 2r, 4r, ... stop the
+                                      # heads of worse validation loss, train on with the rest
+    halving_rate: float = 0.5         # fraction of the training heads stopped at each of those
     val_fraction: float = 0.1         # held out of TRAIN by path hash when no val cache is given
     data_seed: int = 0                # batch order and dropout noise (shared by a pass's heads)
     shuffle_chunks: int = 0           # shuffle window in HDF5 chunks; 0: all that fit in max_memory
@@ -195,6 +202,8 @@ class TrainConfig:
         "label_smoothing": Interval(float, 0, 1, high_open=True), "seed": Interval(int),
         "C": Interval(float, 0, low_open=True), "k": Interval(int, 1),
         "temperature": Interval(float, 0, low_open=True),
+        "alpha": Interval(float, 0, low_open=True), "shrinkage": Interval(float, 0, 1),
+        "halving_rate": Interval(float, 0, 1, low_open=True, high_open=True),
         "epochs": Interval(int, 1), "batch_size": Interval(int, 1),
         "momentum": Interval(float, 0, 1), "schedule": Options(SCHEDULES),
         "lr_step": Interval(int, 0), "class_weight": Options(CLASS_WEIGHTS),

@@ -44,7 +44,7 @@ from ._writers import write
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
                        is_timm)
-from .config import FORMATS, ExportConfig, validate
+from .config import FORMATS, LINEAR_LAYER, ExportConfig, validate
 from .head_file import load_head
 from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 from .preprocessing import ImageInput, Preprocessing
@@ -209,10 +209,10 @@ def _check_format_fits(fmt: str, meta: dict) -> None:
     if fmt != "torchvision":
         return
     cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
-    if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in ("linear", "logreg"):
+    if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in LINEAR_LAYER:
         raise UserError(f"--format torchvision is a torchvision model with its last layer "
                         f"replaced: it needs a torchvision backbone cut at penultimate (VGG: fc7) "
-                        f"and a linear (or logreg) head, this is a {meta['kind']} head on "
+                        f"and a linear (or logreg, ridge, lda) head, this is a {meta['kind']} head on "
                         f"{meta['cache']['backbone']} {cut}: use --format pt2 or onnx")
     backbone = meta["cache"]["backbone"]
     # A VGG's penultimate cut is known without building it; other backbones are checked when

@@ -26,7 +26,7 @@ from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRIN
                             one_of, optional)
 
 from ._files import make_folder, write_file, write_text
-from .config import ACTIVATIONS, HEADS
+from .config import ACTIVATIONS, HEADS, LINEAR_LAYER
 from .knn_head import KNNHead
 
 HEAD_FORMAT = "pipeline-head/1"
@@ -37,13 +37,13 @@ _ACTIVATION = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 def build_head(meta: dict) -> nn.Module:
     """The plain module a saved head's state_dict loads into, from its JSON metadata."""
     kind, d, c = meta["kind"], int(meta["in_dim"]), int(meta["n_classes"])
-    if kind in ("linear", "logreg"):
+    if kind in LINEAR_LAYER:
         return nn.Linear(d, c)
     if kind == "knn":
         return KNNHead(d, c, int(meta["bank_rows"]), int(meta["k"]), float(meta["temperature"]))
     if kind != "mlp":
-        raise UserError(f"unknown head kind {kind!r} in head metadata: expected linear, mlp, "
-                         "logreg or knn")
+        raise UserError(f"unknown head kind {kind!r} in head metadata: expected one of "
+                        f"{', '.join(HEADS)}")
     act = _ACTIVATION[meta["activation"]]
     dims, layers = [d, *meta["hidden"], c], []
     for i, o in zip(dims[:-1], dims[1:]):

@@ -48,7 +48,8 @@ FIGURES = {"learning_curves": "Learning curves",
            "hyperparameters": "Validation accuracy by hyper-parameter",
            "confusion_matrix": "Confusion matrix of the best head",
            "misclassified": "Most confident mistakes of the best head"}
-_COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green", "knn": "tab:red"}
+_COLORS = {"linear": "tab:blue", "mlp": "tab:orange", "logreg": "tab:green", "knn": "tab:brown",
+           "ridge": "tab:red", "lda": "tab:purple"}
 _GRID = "misclassified grid: "     # notes about the grid start so (the figure repeats them)
 _WRITE_FIX = "free some space or choose another -o"
 _THUMB = 256          # pixels: larger images are shrunk before they go into the grid
@@ -183,7 +184,7 @@ def _learning_curves(rows: list[dict], runs: dict) -> Figure:
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no validation data" if key.startswith("val") else
-                    "no per-epoch history (lbfgs fits only)", ha="center", va="center",
+                    "no per-epoch history (fits without epochs only)", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     for ax in axes[1]:
         ax.set_xlabel("epoch")

@@ -10,7 +10,10 @@ optimizer (all linear AdamW heads, all 1024-unit ReLU MLPs with SGD, ...) train 
 `HeadStack`: each batch is read once and feeds every head through one matmul. logreg heads are
 scikit-learn fits, saved as the linear layer they are. knn heads are DINO's weighted k-NN
 (`knn`): every (k, T) scored from one search for the top max(k) neighbours, each saved as the
-training rows it votes with.
+training rows it votes with. ridge and lda heads are solved in closed form from one pass of
+statistics over the training rows (`closed_form`), every alpha and shrinkage from one
+eigendecomposition. With `halving`, a pass stops the heads of worse validation loss at epochs
+r, 2r, 4r, ... and trains on with the rest (`_halving`).
 
 Batch order and dropout noise come from `data_seed` and are shared by every head of a pass; a
 head's `seed` sets only its init. So a head trained in a sweep equals the same head trained
@@ -55,10 +58,12 @@ from cache import CacheReader
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)
 from ._files import check_folder, make_folder
+from ._halving import keep_heads, rungs, shrink, survivors
 from ._records import (Result, TrainSummary, data_of, earlier_runs, record, records_lock,
                        run_label, standardized, summarize, write_csv, write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
-from .config import TrainConfig
+from .closed_form import check_classes, fit_heads
+from .config import CLOSED_FORM, TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
 from .knn import check_rows, fit_knn
 
@@ -88,6 +93,8 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
         check_rows(sweep, len(train.rows))
         names = train.reader.class_names
         warnings = _class_warnings(train, names)
+        for kind in dict.fromkeys(e.kind for e in sweep if e.kind in CLOSED_FORM):
+            check_classes(train.labels, kind)        # before any head trains
         # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
         earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
         memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
@@ -102,8 +109,10 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
         rows = []
         for i, group in enumerate(groups, 1):
             kind = group[0].kind
-            results = (_fit_logreg(group, ctx) if kind == "logreg" else fit_knn(group, ctx)
-                       if kind == "knn" else _train_pass(group, ctx, (i, len(groups)), on_epoch))
+            results = (_fit_logreg(group, ctx) if kind == "logreg"
+                       else fit_knn(group, ctx) if kind == "knn"
+                       else _fit_closed_form(group, ctx) if kind in CLOSED_FORM
+                       else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # Another sweep into this folder may have recorded runs since: merge under its lock.
@@ -172,9 +181,17 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
     best = [(-1.0, math.inf, 0)] * k                                   # (acc, loss, epoch)
     history: list[list[dict]] = [[] for _ in group]
     step = 0
+    # Successive halving: the stack shrinks to the heads still training; alive[p] is the index
+    # in `group` of the head at stack position p, and `record` keeps every head of the pass.
+    alive, stopped = list(range(k)), {}
+    halving = set(rungs(cfg.epochs, k, cfg.halving_rate)) if cfg.halving else set()
+    record = HeadStack(stack.in_dim, stack.n_classes, [0] * k, stack.dropouts, stack.hidden,
+                       stack.activation) if halving else stack
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss_sum, correct = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long)
+        live = len(alive)                                               # heads training now
+        loss_sum = torch.zeros(live, dtype=torch.float64)
+        correct = torch.zeros(live, dtype=torch.long)
         for x, y in _scaled(ctx.train.epoch(order_gen, ctx.window, cfg.batch_size, epoch,
                                                  cfg.data_seed), norm):
             scale = _lr_scale(cfg, step, steps * cfg.epochs, epoch)
@@ -189,20 +206,29 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
         ev = (evaluate(stack, _scaled(ctx.val.batches(), norm), ctx.class_names)
               if ctx.val else None)
         for h in active.nonzero().flatten().tolist():
-            row = {"epoch": epoch, "lr": group[h].lr * scale, "train_loss": loss_sum[h].item() / n,
+            g = alive[h]
+            row = {"epoch": epoch, "lr": group[g].lr * scale, "train_loss": loss_sum[h].item() / n,
                    "train_acc": correct[h].item() / n}
             if ev:
                 row.update(val_loss=ev[h]["log_loss"], val_acc=ev[h]["top1"],
                            val_balanced_acc=ev[h]["balanced_accuracy"])
-                if (ev[h]["top1"], -ev[h]["log_loss"]) > (best[h][0], -best[h][1]):
-                    best[h] = (ev[h]["top1"], ev[h]["log_loss"], epoch)
+                if (ev[h]["top1"], -ev[h]["log_loss"]) > (best[g][0], -best[g][1]):
+                    best[g] = (ev[h]["top1"], ev[h]["log_loss"], epoch)
                     if best_params is not None:
                         with torch.no_grad():
                             for b, p in zip(best_params, stack.params):
                                 b[h].copy_(p[h])
-                elif cfg.patience and epoch - best[h][2] >= cfg.patience:
+                elif cfg.patience and epoch - best[g][2] >= cfg.patience:
                     active[h] = False
-            history[h].append(row)
+            history[g].append(row)
+        if epoch in halving:
+            keep = survivors([m["log_loss"] for m in ev], cfg.halving_rate)
+            gone = [h for h in range(len(alive)) if h not in keep]
+            keep_heads(record, stack, gone, alive)
+            stopped.update({alive[h]: {"stopped_epoch": epoch} for h in gone})
+            stack, opt = shrink(stack, opt, keep)
+            alive, active = [alive[h] for h in keep], active[keep]
+            smoothing = smoothing[keep]
         info = _epoch_info(where, group, epoch, cfg.epochs, history, active,
                            time.perf_counter() - t0)
         _log_epoch(info)
@@ -214,9 +240,12 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
         with torch.no_grad():
             for b, p in zip(best_params, stack.params):
                 p.copy_(b)
+    if halving:
+        keep_heads(record, stack, list(range(len(alive))), alive)
+        stack = record
     if norm is not None:
         _fold(stack, ctx.moments)
-    return _finish(stack, group, history, [b[2] or None for b in best], ctx, {})
+    return _finish(stack, group, history, [b[2] or None for b in best], ctx, stopped)
 
 
 def _scaling(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +277,11 @@ def _fold(stack: HeadStack, moments: tuple[np.ndarray, np.ndarray]) -> None:
 
 def _finish(stack: HeadStack, group, history, best_epochs, ctx: Context, extra) -> list[Result]:
     """Final metrics of every head of a stack (taking raw features) on val and test, and on the
-    training rows when there is no validation data (or for logreg, which has no epochs);
+    training rows when there is no validation data (or for logreg, ridge and lda, which have no
+    epochs);
     package the results."""
     finals = [{} for _ in group]
-    on_train = ctx.val is None or group[0].kind == "logreg"
+    on_train = ctx.val is None or group[0].kind in ("logreg", *CLOSED_FORM)
     for split in (ctx.train if on_train else None, ctx.val, ctx.test):
         if split is not None:
             for f, m in zip(finals, evaluate(stack, split.batches(), ctx.class_names)):
@@ -312,6 +342,21 @@ def _fit_logreg(group: list[Experiment], ctx: Context) -> list[Result]:
         if not extra[h]["converged"]:
             log.warning("logreg C=%g did not converge in %d iterations: raise --logreg-max-iter",
                         e.C, cfg.logreg_max_iter)
+    return _finish(stack, group, [[] for _ in group], [None] * len(group), ctx, extra)
+
+
+def _fit_closed_form(group: list[Experiment], ctx: Context) -> list[Result]:
+    """Every ridge alpha and lda shrinkage of the sweep from one pass of statistics over the
+    training rows (streamed when they are), each kept as the linear layer it is."""
+    train, c = ctx.train, len(ctx.class_names)
+    moments = ctx.moments if standardized(group[0].kind, ctx) else None
+    if moments is None:                # centred all the same: the intercept is not penalized
+        moments = (feature_moments(train)[0], np.ones(train.reader.feature_dim))
+    fits = fit_heads(group, train, c, moments)
+    stack = HeadStack(train.reader.feature_dim, c, seeds=[0] * len(group))
+    for h, (weight, bias, _) in enumerate(fits):
+        stack.set_head(h, {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)})
+    extra = {h: facts for h, (_, _, facts) in enumerate(fits)}
     return _finish(stack, group, [[] for _ in group], [None] * len(group), ctx, extra)
 
 
