@@ -27,12 +27,8 @@ from torchvision.transforms import v2
 
 from cache.errors import UserError
 
+from .config import DEFAULT_SPEC
 from .preprocessing import Preprocessing
-
-# The fine-tuning recipe people use with these backbones: torchvision's RandomResizedCrop
-# defaults (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
-DEFAULT_SPEC = "RandomResizedCrop(),RandomHorizontalFlip()"
-
 
 @dataclass(frozen=True)
 class Augment:

@@ -20,6 +20,14 @@ SCHEDULES = ("constant", "cosine", "step")
 CLASS_WEIGHTS = ("none", "balanced")
 FORMATS = ("pt2", "onnx", "torchvision")                # exported model formats
 INPUTS = ("tensor", "image")                            # what an exported model takes
+# --augment of the augmented views: the fine-tuning recipe people use with these backbones,
+# torchvision's RandomResizedCrop defaults (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
+DEFAULT_SPEC = "RandomResizedCrop(),RandomHorizontalFlip()"
+
+
+def split_layers(layer: str) -> list[str]:
+    """`--layer fc6,fc7,pool5` -> ["fc6", "fc7", "pool5"]."""
+    return [part.strip() for part in layer.split(",") if part.strip()]
 
 
 @dataclass(frozen=True)
