@@ -12,7 +12,6 @@ module, `cache` and the listing are all it runs.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -27,7 +26,6 @@ from cache.reader import CacheReader
 
 from ._distributed import Job
 from .config import PRECISIONS, ExtractConfig
-from .images import file_digest
 from .sources import ImageList
 
 # The settings that decide the features, as recorded in a cache's manifest["config"]: equal
@@ -59,6 +57,7 @@ def installed_version(package: str) -> str | None:
         found = None
     if found:
         return found.group(1)
+    import importlib.metadata
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -173,11 +172,16 @@ def _digests(paths: list[Path]) -> list[str]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _file_digest(path: Path) -> str:
+    from .images import file_digest    # PIL: imported only when a file is read
+    return file_digest(path)
+
+
 def _digest_or_blank(path: Path) -> str:
     """Content digest, or "" when the file cannot be read (a FIFO or device gives "" at once:
     file_digest refuses anything but a regular file before reading)."""
     try:
-        return file_digest(path)
+        return _file_digest(path)
     except OSError:
         return ""
 

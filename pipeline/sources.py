@@ -22,8 +22,6 @@ from pathlib import Path
 
 from cache.errors import UserError
 
-from .images import open_regular
-
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -230,6 +228,7 @@ def _warn_unusable(source: Path, unusable: list[tuple[str, str]]) -> None:
 
 
 def _has_image_signature(path: Path) -> bool:
+    from .images import open_regular    # PIL: only for a file without an image extension
     try:
         # Checked again on open: the file may have been swapped for a FIFO since the stat.
         with open_regular(path) as f:
