@@ -57,10 +57,10 @@ def installed_version(package: str) -> str | None:
         found = None
     if found:
         return found.group(1)
-    import importlib.metadata
+    from importlib import metadata
     try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
         return None
 
 
