@@ -308,8 +308,8 @@ def _up_to_date(planned: Plan, sources: list) -> bool:
 def _stale_stats(planned: Plan, old: CacheReader, stats: list) -> tuple[list, list]:
     """(rows, current stats) of the cache's rows whose files kept their content but not their
     size/mtime record (touched, or copied without their times)."""
-    kept = old.stats
-    rows = [(r, stats[i]) for i, _, r in planned.rows if tuple(kept[r]) != tuple(stats[i])]
+    sizes, mtimes = old.stats[:, 0].tolist(), old.stats[:, 1].tolist()
+    rows = [(r, stats[i]) for i, _, r in planned.rows if (sizes[r], mtimes[r]) != tuple(stats[i])]
     return [r for r, _ in rows], [s for _, s in rows]
 
 

@@ -186,17 +186,23 @@ def _walk_images(root: Path) -> tuple[list[tuple[str, tuple[int, int]]], list[tu
     return found, unusable, top_folders
 
 
+def _extension(name: str) -> str:
+    """Path(name).suffix.lower() of a file name that does not start with a dot, at a tenth of
+    its cost (it runs once per file of the folder)."""
+    dot = name.rfind(".")
+    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+
+
 def _image_stat(entry: os.DirEntry) -> tuple[int, int] | None:
     """(size, mtime_ns) of a directory entry that is an image file, (-1, -1) for a dangling link
     that claims to be one (reported as bad at decode); None for anything else."""
     try:
         st = entry.stat()  # follows symlinks
     except OSError:
-        return _NO_STAT if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS else None
+        return _NO_STAT if _extension(entry.name) in IMAGE_EXTENSIONS else None
     if not stat.S_ISREG(st.st_mode):
         return None  # FIFOs, sockets, devices: opening them can block forever
-    if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS \
-            or _has_image_signature(Path(entry.path)):
+    if _extension(entry.name) in IMAGE_EXTENSIONS or _has_image_signature(Path(entry.path)):
         return st.st_size, st.st_mtime_ns
     return None
 
