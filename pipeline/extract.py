@@ -124,17 +124,17 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         source, output, config, job))
     if job.distributed:
         _check_shared(output, job)
-    model = _Build(config, device)
+    build = _Build(config, device)
     sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
     try:
         # The same settings as the cache's: decide whether anything is to be done before
         # building a model (for a large backbone, the slowest part of a no-op re-run).
         same = settled(sources[0] or None, config, precision)
         if same is None:
-            model.start()          # other settings, or no cache: a model is needed anyway
+            build.start()          # other settings, or no cache: a model is needed anyway
         # Files to hash are most likely work: the model is built meanwhile.
         names, stats, hashed = listing(images, known_stats([r for r in sources if r]),
-                                       config.rehash, job, on_change=model.start)
+                                       config.rehash, job, on_change=build.start)
         if same is not None:
             planned = plan(*names, [r for r in sources if r], unusable=images.unusable)
             if _up_to_date(planned, sources):
@@ -144,12 +144,11 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     finally:
         _close(sources)
     if same is not None:                  # up to date
-        model.abandon()
+        build.abandon()
         if job.lead:
             refresh_stats(output, *stale)
         return _unchanged(output, planned, t0, device, same, hashed, job)
-    model.start()
-    model, info, device = job.step("building the backbone", model.result)
+    model, info, device = job.step("building the backbone", build.result)
     manifest = _manifest(info, config, precision, images)
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
