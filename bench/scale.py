@@ -2,7 +2,8 @@
 re-run costs when nothing (or little) changed.
 
     .venv/bin/python bench/scale.py [--images 256] [--size 64] [--repeats 3]
-                                    [--small-images 20000] [--only ranks|rerun]
+                                    [--small-images 20000] [--big-images 200000]
+                                    [--huge-images 1000000] [--only ranks|rerun|command|huge]
 
 ranks   The same --images JPEGs (256 x 256, VGG16 fc7 at --size px, random-init, batch 32, float16)
         extracted by one process and by `torchrun --standalone --nproc-per-node 2`, one thread
@@ -14,14 +15,24 @@ rerun   --small-images 8 x 8 PNGs (ResNet18 penultimate at 32 px): the first ext
         no-op re-run (each unchanged image costs a stat); the same with --rehash (every file
         read and hashed); the floor, listing the folder in Python (os.scandir + stat of every
         file); and adding 10 images to the cache, against the first extraction.
+command The whole command, Python's start and imports included: `python -m cli extract` finding
+        its cache up to date, against a Python process that stat-walks the same folder (the
+        floor of a re-run from a script), over simulated folders of --small-images and
+        --big-images empty .png files whose cache is written directly with the cache writer
+        (the manifest of a real resnet18 layer1 avg-pooled extraction, rows of zeros, each
+        file's digest and stat). Also whether the no-op imported torch.
+huge    The in-process no-op re-run (`extract()` in this process) over simulated folders of
+        --small-images and --huge-images files, against the listing floor in this process.
 
 Every case in a table runs in the same invocation, alternating where repeated; ratios are
 medians of per-round ratios.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +45,7 @@ from PIL import Image  # noqa: E402
 from bench._common import (alternate, bench_parser, machine, median, paired,  # noqa: E402
                            quiet, scratch, spread, table)
 from bench.extract import make_images  # noqa: E402
+from cache import CacheReader, CacheWriter, partial_path  # noqa: E402
 from pipeline import ExtractConfig, extract  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,12 +160,133 @@ def rerun_table(args, tmp: Path) -> None:
     print(f"\nadding 10 images cost {median(add) / first_s:.3f}x the first extraction")
 
 
+# A stat-walk of a folder in a fresh Python process: the floor of a re-run launched by a script.
+_STAT_WALK = """
+import os, sys
+n, stack = 0, [sys.argv[1]]
+while stack:
+    with os.scandir(stack.pop()) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            else:
+                entry.stat()
+                n += 1
+print(n)
+"""
+# The no-op command in a fresh process, reporting whether it imported torch.
+_NO_OP = """
+import sys
+from cli.main import main
+try:
+    main(sys.argv[2:], prog_name="pipeline")
+except SystemExit as e:
+    assert not e.code, e.code
+open(sys.argv[1], "w").write(str("torch" in sys.modules))
+"""
+# The settings of the simulated folders: a 64-d cut keeps a million rows at 128 MiB.
+_SIMULATED = dict(backbone="resnet18", weights="none", image_size=32, layer="layer1", pool="avg",
+                  batch_size=256, workers=0, progress=False)
+
+
+def _cli_args(cfg: dict) -> list[str]:
+    return ["--backbone", cfg["backbone"], "--weights", cfg["weights"], "--image-size",
+            str(cfg["image_size"]), "--layer", cfg.get("layer", "penultimate"), "--pool",
+            cfg.get("pool", "flatten"), "--batch-size", str(cfg["batch_size"]), "--workers", "0",
+            "-q"]
+
+
+def simulated_folder(root: Path, out: Path, n: int, tmp: Path) -> None:
+    """`n` empty .png files in 10 class folders and their complete cache at `out`, written
+    directly: the manifest of a real extraction with `_SIMULATED` settings, rows of zeros, each
+    file's digest and stat. A re-run over them finds the cache up to date."""
+    probe_src, probe_out = tmp / "probe", tmp / "probe.h5"
+    small_images(probe_src, 10)
+    extract(probe_src, probe_out, ExtractConfig(**_SIMULATED))
+    with CacheReader(probe_out) as r:
+        manifest = {**r.file_manifest, "source_root": str(root)}
+    dim = manifest["feature_dim"]
+    empty = hashlib.sha256(b"").hexdigest()
+    writer = CacheWriter.create(partial_path(out), manifest)
+    # Image order: sorted paths, so class by class (the numbers are zero-padded).
+    images = [(f"c{c}/{i:07d}.png", c) for c in range(10) for i in range(c, n, 10)]
+    step = 50_000
+    for start in range(0, n, step):
+        rows = images[start:start + step]
+        stats = []
+        for path, _ in rows:
+            file = root / path
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.touch()
+            st = file.stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        writer.commit(np.zeros((len(rows), dim), manifest["dtype"]), [y for _, y in rows],
+                      [p for p, _ in rows], [empty] * len(rows), stats=stats)
+    writer.finish(out, {"rows": n, "errors": 0})
+
+
+def command_table(args, tmp: Path) -> None:
+    """Whole no-op commands against a stat-walk process, over simulated folders of
+    --small-images and --big-images files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    rows = []
+    for n in (args.small_images, args.big_images):
+        src, out, flag = tmp / f"sim{n}", tmp / f"sim{n}.h5", tmp / "torch-imported"
+        simulated_folder(src, out, n, tmp)
+
+        def no_op():
+            subprocess.run([sys.executable, "-c", _NO_OP, str(flag), "extract", str(src), "-o",
+                            str(out), *_cli_args(_SIMULATED)], check=True, env=env, cwd=REPO,
+                           capture_output=True)
+
+        def walk():
+            subprocess.run([sys.executable, "-c", _STAT_WALK, str(src)], check=True, env=env,
+                           capture_output=True)
+        times = alternate({"no-op command": no_op, "stat-walk process": walk}, args.repeats)
+        rows.append([f"{n:,} files", median(times["no-op command"]),
+                     median(times["stat-walk process"]),
+                     paired(times, "no-op command", "stat-walk process"),
+                     flag.read_text() == "True"])
+        shutil.rmtree(src, ignore_errors=True)
+        out.unlink()
+    print(f"\nwhole commands (Python start included), simulated folders, {args.repeats} "
+          "alternated rounds; seconds\n")
+    print(table(["folder", "no-op extract", "stat-walk process", "ratio", "imported torch"],
+                rows))
+
+
+def huge_table(args, tmp: Path) -> None:
+    """The in-process no-op over simulated folders of --small-images and --huge-images files,
+    against the listing floor."""
+    rows = []
+    cfg = ExtractConfig(**_SIMULATED)
+    base = "listing floor (scandir + stat)"
+    for n in (args.small_images, args.huge_images):
+        src, out = tmp / f"sim{n}", tmp / f"sim{n}.h5"
+        t0 = time.perf_counter()
+        simulated_folder(src, out, n, tmp)
+        made = time.perf_counter() - t0
+        assert extract(src, out, cfg).up_to_date
+        times = alternate({"no-op re-run": lambda: extract(src, out, cfg) and None,
+                           base: lambda: listing_floor(src) and None}, args.repeats)
+        rows.append([f"{n:,} files (made in {made:.0f} s)", median(times["no-op re-run"]),
+                     median(times[base]), paired(times, "no-op re-run", base),
+                     spread(times["no-op re-run"])])
+        shutil.rmtree(src, ignore_errors=True)
+        out.unlink()
+    print(f"\nin-process no-op re-run, simulated folders, {args.repeats} alternated rounds; "
+          "seconds\n")
+    print(table(["folder", "no-op re-run", "listing floor", "ratio", "no-op min..max"], rows))
+
+
 def main() -> None:
     ap = bench_parser(__doc__, repeats=3, threads=None)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--small-images", type=int, default=20000)
-    ap.add_argument("--only", choices=("ranks", "rerun"))
+    ap.add_argument("--big-images", type=int, default=200_000)
+    ap.add_argument("--huge-images", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=("ranks", "rerun", "command", "huge"))
     args = ap.parse_args()
     quiet()
     import torch
@@ -164,6 +297,10 @@ def main() -> None:
         ranks_table(args, tmp)
     if args.only in (None, "rerun"):
         rerun_table(args, tmp)
+    if args.only in (None, "command"):
+        command_table(args, tmp)
+    if args.only in (None, "huge"):
+        huge_table(args, tmp)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 Coordination goes over a gloo process group, also on GPU machines (each rank then computes on
 cuda:LOCAL_RANK): it exchanges small Python objects only, and a gloo `monitored_barrier`
 can say which rank did not arrive. Without torchrun (no WORLD_SIZE, or 1) every method is the
-plain one-process operation and no process group is made.
+plain one-process operation, no process group is made and torch is not imported (a
+one-process re-run that finds its cache up to date never needs torch).
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ import datetime
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
-
-import torch
-import torch.distributed as dist
 
 from cache.errors import UserError, first_line
 
@@ -58,7 +56,10 @@ class Job:
         return self.rank == 0
 
     def __enter__(self) -> "Job":
-        if self.distributed and not dist.is_initialized():
+        if not self.distributed:
+            return self
+        import torch.distributed as dist
+        if not dist.is_initialized():
             try:
                 dist.init_process_group("gloo",
                                         timeout=datetime.timedelta(seconds=self.timeout_s))
@@ -71,13 +72,19 @@ class Job:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._owns_group and dist.is_initialized():
+        if not self._owns_group:
+            return
+        import torch.distributed as dist
+        if dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
 
     def device(self, name: str) -> str:
         """--device for this rank: with several ranks, auto and cuda mean cuda:LOCAL_RANK."""
-        if self.distributed and name in ("auto", "cuda") and torch.cuda.is_available():
+        if not self.distributed or name not in ("auto", "cuda"):
+            return name
+        import torch
+        if torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return name
 
@@ -89,6 +96,7 @@ class Job:
         """Every rank's `value`, in rank order, on every rank."""
         if not self.distributed:
             return [value]
+        import torch.distributed as dist
         out: list = [None] * self.world_size
         dist.all_gather_object(out, value)
         return out
@@ -123,6 +131,7 @@ class Job:
         """Meet every rank here, or fail after the timeout naming the ranks that did not come."""
         if not self.distributed:
             return
+        import torch.distributed as dist
         try:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=self.timeout_s),
                                    wait_all_ranks=True)
@@ -142,6 +151,7 @@ class Job:
                 total[0] += n
                 return total[0]
             return add_local
+        import torch.distributed as dist
         store = dist.distributed_c10d._get_default_store()
 
         def add(n: int) -> int:

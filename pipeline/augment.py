@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 
 from cache.errors import UserError
 
+from .config import DEFAULT_SPEC
 from .preprocessing import Preprocessing
 
 MAX_SPEC_CHARS = 1000
@@ -36,10 +37,6 @@ MAX_SPEC_CHARS = 1000
 MAX_VIEW_ELEMENTS = 3 * 4096 * 4096
 _PROBE_DRAWS = 8            # random draws of the probe: a transform applied with p < 1 shows
 _REAL_DRAWS = 2             # of which run on real values (the others give shapes only)
-
-# The fine-tuning recipe people use with these backbones: torchvision's RandomResizedCrop
-# defaults (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
-DEFAULT_SPEC = "RandomResizedCrop(),RandomHorizontalFlip()"
 
 
 @dataclass(frozen=True)

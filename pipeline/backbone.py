@@ -27,7 +27,7 @@ from torch import nn
 
 from cache.errors import UserError
 
-from .config import POOLS
+from .config import POOLS, split_layers
 from .preprocessing import Preprocessing, default_preprocessing
 
 TIMM = "timm:"
@@ -312,11 +312,6 @@ def final_layer(backbone: str, image_size: int | None = None) -> str:
     if not isinstance(dict(model.named_modules()).get(names[-1]), nn.Linear):
         raise UserError(f"{backbone} does not end in a Linear classification layer")
     return names[-1]
-
-
-def split_layers(layer: str) -> list[str]:
-    """`--layer fc6,fc7,pool5` -> ["fc6", "fc7", "pool5"]."""
-    return [part.strip() for part in layer.split(",") if part.strip()]
 
 
 def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",

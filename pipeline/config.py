@@ -106,6 +106,14 @@ def validate(config) -> None:
                 unknown = "unknown " if isinstance(rule, Options) else ""
                 shown = repr(v) if isinstance(rule, Options) else v
                 raise UserError(f"{unknown}{flag(f.name)} {shown}: {error}")
+# --augment of the augmented views: the fine-tuning recipe people use with these backbones,
+# torchvision's RandomResizedCrop defaults (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
+DEFAULT_SPEC = "RandomResizedCrop(),RandomHorizontalFlip()"
+
+
+def split_layers(layer: str) -> list[str]:
+    """`--layer fc6,fc7,pool5` -> ["fc6", "fc7", "pool5"]."""
+    return [part.strip() for part in layer.split(",") if part.strip()]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ are dropped. The cache appears under its final name only when complete. The plan
 commit loop is `pipeline._engine`; this module runs the stage around them. The model comes
 from `build_model(config)`, the one place to replace to wrap or stub it.
 
+A re-run that finds the cache up to date costs the listing (a stat per image) and imports no
+torch: the settings, versions and file stats are compared with the cache's record first
+(`pipeline._uptodate`). When there is work, the model is built in a thread started as soon as
+it is known to be needed, while the images are listed and hashed.
+
 One run at a time per cache: a run holds a lock on `.CACHE.h5.lock` beside the output (the
 kernel drops it when the process ends, even by SIGKILL), and a second run is refused with the
 pid of the first. `-o` must be a new path or one of our caches: never an input image, a device
@@ -23,16 +28,14 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-import torchvision
 
 from cache import manifest as mf
 from cache.errors import UserError
@@ -41,24 +44,14 @@ from cache.plan import (Plan, finalize, known_stats, open_existing, plan, shard_
 from cache import CacheReader, CacheWriter, partial_path, refresh_stats
 
 from ._version import __version__
-from .config import ExtractConfig, validate
-from .augment import DEFAULT_SPEC, Augment
-from .backbone import build_backbone, split_layers
-from .preprocessing import Preprocessing
+from .config import DEFAULT_SPEC, ExtractConfig, split_layers, validate
 from ._distributed import Job
-from . import _engine as engine
-from ._loading import digest_or_blank, resolve_device
 from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
                       check_replaceable, dropped_if_empty)
+from ._uptodate import device_type, listing, precision_for, settled, versions
 from .sources import ImageList, find_images
 
 log = logging.getLogger(__name__)
-
-# The settings that decide the features, as recorded in a cache's manifest["config"]: equal
-# ones (and the same torch and torchvision) let a re-run trust the cache without a model.
-_SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype", "views", "augment",
-             "augment_seed")
-_DEFAULTS = asdict(ExtractConfig())
 
 
 class Interrupted(KeyboardInterrupt):
@@ -132,31 +125,36 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         source, output, config, job))
     if job.distributed:
         _check_shared(output, job)
+    build = _Build(config, device)
     sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
     try:
-        listing, stats, hashed = _listing(images, known_stats([r for r in sources if r]),
-                                          config.rehash, job)
         # The same settings as the cache's: decide whether anything is to be done before
         # building a model (for a large backbone, the slowest part of a no-op re-run).
-        settled = _settled(sources[0] or None, config, precision)
-        if settled is not None:
-            planned = plan(*listing, [r for r in sources if r], unusable=images.unusable)
+        same = settled(sources[0] or None, config, precision)
+        if same is None:
+            build.start()          # other settings, or no cache: a model is needed anyway
+        # Files to hash are most likely work: the model is built meanwhile.
+        names, stats, hashed = listing(images, known_stats([r for r in sources if r]),
+                                       config.rehash, job, on_change=build.start)
+        if same is not None:
+            planned = plan(*names, [r for r in sources if r], unusable=images.unusable)
             if _up_to_date(planned, sources):
                 stale = _stale_stats(planned, sources[0], stats)
             else:
-                settled = None
+                same = None
     finally:
         _close(sources)
-    if settled is not None:                  # up to date
+    if same is not None:                  # up to date
+        build.abandon()
         if job.lead:
             refresh_stats(output, *stale)
-        return _unchanged(output, planned, t0, device, settled, hashed, job)
-    model, info = job.step("building the backbone", lambda: build_model(config))
+        return _unchanged(output, planned, t0, device, same, hashed, job)
+    model, info, device = job.step("building the backbone", build.result)
     manifest = _manifest(info, config, precision, images)
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
     try:
-        planned = plan(*listing, [r for r in sources if r is not None], unusable=images.unusable)
+        planned = plan(*names, [r for r in sources if r is not None], unusable=images.unusable)
         up_to_date = _up_to_date(planned, sources)
         removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
         resume = sources[1] is not None if not job.distributed else None
@@ -168,7 +166,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     computed, compute_s, before = _compute(model, images, planned, stats, manifest, output,
                                            resume, config, device, precision, job)
     final = job.step("assembling the cache", lambda: finalize(
-        output, manifest, *listing, updates={"world_size": job.world_size},
+        output, manifest, *names, updates={"world_size": job.world_size},
         unusable=images.unusable) if job.lead else None)
     final = final or planned   # ranks other than 0 report the plan; rank 0 prints the summary
     fresh = _fresh_rows(final, before) if final.sources else min(computed, len(final.rows))
@@ -176,6 +174,54 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         str(output), len(final.rows), fresh, len(final.rows) - fresh, removed, _bad(final),
         time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
         str(device), manifest, hashed, job.world_size, job.rank)
+
+
+class _Build:
+    """`build_model(config)` in a thread, started once a model is known (or likely) to be
+    needed, so that importing torch, building the model, loading its weights and moving them
+    to the GPU overlap the listing and hashing. `result()` waits for it (starting it if need
+    be) and gives (model, info, device) or raises what the build raised."""
+
+    def __init__(self, config: ExtractConfig, device):
+        self.config, self.device = config, device
+        self.thread: threading.Thread | None = None
+        self.value = self.failure = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="extract-build", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            model, info = build_model(self.config)
+            device = _torch_device(self.device)
+            if device.type == "cuda":      # the CUDA context and the weights' copy, meanwhile
+                model = model.to(device)
+            self.value = model, info, device
+        except BaseException as e:       # raised again in the caller's thread by result()
+            self.failure = e
+
+    def result(self):
+        self.start()
+        self.thread.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.value
+
+    def abandon(self) -> None:
+        """Up to date after all (files touched, not changed): wait for a started build, so that
+        no thread outlives the run, and drop it."""
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _torch_device(device):
+    """`device` ("cpu", or a torch.device already resolved) as a torch.device."""
+    if isinstance(device, str):
+        import torch
+        return torch.device(device)
+    return device
 
 
 def _unchanged(output: Path, planned: Plan, t0: float, device, manifest: dict, hashed: int,
@@ -195,13 +241,19 @@ def _fresh_rows(final: Plan, before: dict) -> int:
 
 
 def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
+    """(images, device, precision): the device is "cpu" where that is sure without torch,
+    else the torch.device that torch resolved (and checked)."""
     _check_config(config)
     check_output(output)
     images = find_images(source)
     check_not_an_input(output, images)
     check_replaceable(output)
-    device = resolve_device(job.device(config.device))
-    return images, device, engine.resolve_precision(config.precision, device)
+    device = device_type(config.device)
+    if device is None:
+        from ._loading import resolve_device
+        device = resolve_device(job.device(config.device))
+        return images, device, precision_for(config.precision, device.type)
+    return images, device, precision_for(config.precision, device)
 
 
 def _check_shared(output: Path, job: Job) -> None:
@@ -256,29 +308,9 @@ def _up_to_date(planned: Plan, sources: list) -> bool:
 def _stale_stats(planned: Plan, old: CacheReader, stats: list) -> tuple[list, list]:
     """(rows, current stats) of the cache's rows whose files kept their content but not their
     size/mtime record (touched, or copied without their times)."""
-    kept = old.stats
-    rows = [(r, stats[i]) for i, _, r in planned.rows if tuple(kept[r]) != tuple(stats[i])]
+    sizes, mtimes = old.stats[:, 0].tolist(), old.stats[:, 1].tolist()
+    rows = [(r, stats[i]) for i, _, r in planned.rows if (sizes[r], mtimes[r]) != tuple(stats[i])]
     return [r for r, _ in rows], [s for _, s in rows]
-
-
-def _settled(old: CacheReader | None, config: ExtractConfig, precision: str) -> dict | None:
-    """The complete cache's manifest when it was made with these very settings, so that it can
-    be trusted without building the model (which computes the weights' SHA-256); else None.
-    A local weights file is never trusted so: its content may have changed under its name."""
-    if old is None or not old.complete or str(config.weights).lower() not in ("none", "default") \
-            and Path(config.weights).exists():
-        return None
-    m = old.file_manifest
-    recorded = m.get("config") or {}
-    mine = {k: v for k, v in asdict(config).items() if k != "progress"}
-    # A setting a cache predates was at its default then.
-    same = [k for k in _SETTINGS if recorded.get(k, _DEFAULTS[k]) == mine[k]]
-    versions = m.get("versions") or {}
-    if (len(same) < len(_SETTINGS) or m.get("precision") != precision
-            or versions.get("torch") != torch.__version__
-            or versions.get("torchvision") != torchvision.__version__):
-        return None
-    return m
 
 
 def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, output: Path,
@@ -294,6 +326,9 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         resume = path.exists()
     else:
         path = partial_path(output)
+
+    from . import _engine as engine
+    from .preprocessing import Preprocessing
 
     def run() -> tuple[Path, int, int, float]:
         # The decoding workers are forked before the writer opens its file: a worker forked
@@ -317,44 +352,15 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
             {p: b for p, b, _, _ in done})
 
 
-def _listing(images: ImageList, known: dict, rehash: bool, job: Job):
-    """((paths, labels, class names, digests), (size, mtime_ns) of each file, files read to
-    hash them) of the images. A file whose size and mtime equal those kept with its digest is not
-    read again (unless `rehash`); the ranks hash a share each and exchange the results."""
-    def one(i: int):
-        path = images.absolute(i)
-        try:
-            st = os.stat(path)
-        except OSError:
-            return "", (-1, -1), 0
-        stat = (st.st_size, st.st_mtime_ns)
-        kept = known.get(images.paths[i])
-        if not rehash and kept is not None and kept[:2] == stat:
-            return kept[2], stat, 0
-        return digest_or_blank(path), stat, 1
-
-    mine = job.share(range(len(images.paths)))
-    pool = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2))
-    try:
-        done = list(pool.map(one, mine))
-    finally:   # on Ctrl-C, the files not yet begun are not hashed
-        pool.shutdown(wait=True, cancel_futures=True)
-    parts = job.gather(done)
-    results = [None] * len(images.paths)
-    for rank, part in enumerate(parts):
-        results[rank::job.world_size] = part
-    digests = [d for d, _, _ in results]
-    return ((images.paths, images.labels, images.class_names, digests),
-            [s for _, s, _ in results], sum(h for _, _, h in results))
-
-
 def _bad(planned: Plan) -> list[tuple[str, str]]:
     return [(p, reason) for p, _, reason in planned.errors]
 
 
-def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
+def _augment(config: ExtractConfig, pre):
+    """The Augment of the augmented views (None for one view); imports torchvision."""
     if config.views == 1:
         return None
+    from .augment import Augment
     return Augment.parse(config.augment or DEFAULT_SPEC, pre, config.augment_seed)
 
 
@@ -369,7 +375,9 @@ def _check_config(config: ExtractConfig) -> None:
     if config.views == 1 and (config.augment or config.augment_seed):
         raise UserError("--augment and --augment-seed describe augmented views: add --views K "
                         "(K > 1)")
-    _augment(config, Preprocessing(37, 32, (0.5,) * 3, (0.5,) * 3))   # a bad SPEC: fail now
+    if config.views > 1:                 # a bad SPEC: fail now
+        from .preprocessing import Preprocessing
+        _augment(config, Preprocessing(37, 32, (0.5,) * 3, (0.5,) * 3))
 
 
 def _held_rows(output: Path) -> int:
@@ -386,8 +394,10 @@ def _held_rows(output: Path) -> int:
 def build_model(config: ExtractConfig):
     """The frozen model and its manifest entries (backbone, weights, cuts, preprocessing, ...)
     for `config`: the one place `extract()` builds a model (not at all when the cache's recorded
-    settings show it up to date). Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
-    or stub the model; the replacement takes the config and returns (model, info) likewise."""
+    settings show it up to date). Tests and tools may replace it
+    (`pipeline.extract.build_model = ...`) to wrap or stub the model; the replacement takes the
+    config and returns (model, info) likewise."""
+    from .backbone import build_backbone
     if config.weights.lower() == "none":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone, extra={"random_init": True})
@@ -408,8 +418,7 @@ def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageLi
         "source_root": str(images.root),
         "source_kind": images.kind,
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},
-        "versions": {"pipeline": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "h5py": h5py.__version__,
+        "versions": {"pipeline": __version__, **versions(), "h5py": h5py.__version__,
                      "numpy": np.__version__},
     }
 
