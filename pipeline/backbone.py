@@ -25,7 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
-from cache.errors import UserError
+from cache.errors import UserError, first_line
 
 from .config import POOLS
 from .preprocessing import Preprocessing, default_preprocessing
@@ -113,7 +113,7 @@ def _node_names(model: nn.Module, backbone: str) -> list[str]:
     try:
         return get_graph_node_names(model)[1]
     except Exception as e:   # models whose forward cannot be traced symbolically
-        raise UserError(f"{backbone} cannot be cut at inner nodes ({str(e).splitlines()[0]}): "
+        raise UserError(f"{backbone} cannot be cut at inner nodes ({first_line(e)}): "
                         f"use --layer {PENULTIMATE}") from None
 
 
@@ -243,7 +243,7 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
             model = timm.create_model(backbone[len(TIMM):], pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:   # offline (URLError and the hub's HTTP errors
             # are OSErrors), gated, no weights for this name (timm's RuntimeError)
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            reason = first_line(e)
             raise UserError(f"could not get timm weights for {backbone} ({reason}): connect "
                             "once, or pass a local .pth file with --weights") from None
         return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
@@ -292,7 +292,7 @@ def _model(backbone: str, weights: str | Path, image_size: int | None
     except RuntimeError as e:
         raise UserError(f"weights {name} do not fit {backbone}"
                         f"{'' if image_size is None else f' at --image-size {image_size}'}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     sha = _random_init(backbone, image_size)[1] if name == "none" else state_dict_sha256(
         model.state_dict())
     return model.eval().requires_grad_(False), name, sha

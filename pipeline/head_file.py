@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cache import manifest as mf
-from cache.errors import UserError
+from cache.errors import UserError, first_line
 from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields,
                             one_of, optional)
 
@@ -157,8 +157,8 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    line = first_line(e)
+    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"
 
 
 __all__ = ["HEAD_FORMAT", "RETRAIN", "WRITE_FIX", "build_head", "check_head_meta", "load_head",
