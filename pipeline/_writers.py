@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from cache.errors import UserError, first_line
+from cache.records import Cut
 
 from .models import META_NAME
 
@@ -68,7 +69,7 @@ def _write_torchvision(model: nn.Module, meta: dict, path: Path) -> list[Path]:
     try:
         full.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        cut = meta["backbone"]["layer_alias"] or meta["backbone"]["layer"]
+        cut = Cut.from_json(meta["backbone"]).display_name
         raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
                         f"head is on {cut}: {first_line(e, 160)}): use --format pt2 or "
                         "onnx, or extract with --layer penultimate") from None

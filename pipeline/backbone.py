@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ import torchvision
 from torch import nn
 
 from cache.errors import UserError, first_line
+from cache.records import RECORD_KEY, Cut, Weights
 
 from .config import POOLS
 from .preprocessing import Preprocessing, default_preprocessing
@@ -166,7 +169,7 @@ def _check_node(names: list[str], node: str, layer: str, backbone: str) -> None:
 def list_layers(backbone: str = "vgg16", image_size: int | None = None) -> list[str]:
     """The cut names of a backbone: its named cuts, then every graph node in execution order.
     Builds the model with random weights (no download)."""
-    model, _, _ = _model(backbone, "none", image_size)
+    model, _ = _model(backbone, "none", image_size)
     named = [PENULTIMATE] + (list(LAYER_ALIASES) if backbone.startswith("vgg") else [])
     return named + _node_names(model, backbone)
 
@@ -278,8 +281,8 @@ def _load_file(backbone: str, path: Path) -> dict:
 
 
 def _model(backbone: str, weights: str | Path, image_size: int | None
-           ) -> tuple[nn.Module, str, str]:
-    """(eval-mode model with the weights loaded, weights name, state_dict SHA-256)."""
+           ) -> tuple[nn.Module, Weights]:
+    """(eval-mode model with the weights loaded, the record of its weights)."""
     check_backbone(backbone)
     state_dict, name = load_weights(backbone, weights, image_size)
     with torch.device("meta"):   # no random init of many parameters only to overwrite them
@@ -295,7 +298,19 @@ def _model(backbone: str, weights: str | Path, image_size: int | None
                         f"{first_line(e)}") from None
     sha = _random_init(backbone, image_size)[1] if name == "none" else state_dict_sha256(
         model.state_dict())
-    return model.eval().requires_grad_(False), name, sha
+    record = Weights.from_label(backbone, name, sha)
+    if record.kind == "file":   # where it was, so that export finds it again by itself
+        record = replace(record, path=str(Path(weights).resolve()))
+    return model.eval().requires_grad_(False), record
+
+
+def warn_random_init(logger: logging.Logger, backbone: str, how: str, flag: str,
+                     consequence: str) -> None:
+    """Say loudly, on the stage's own logger, that a model has random-init weights ("using
+    RANDOM-INIT vgg16 weights (--weights none): ..."). The record carries the mark
+    `random_init`, by which `pipeline demo`, which says it once itself, drops it."""
+    logger.warning("%s RANDOM-INIT %s weights (%s): %s", how, backbone, flag, consequence,
+                   extra={"random_init": True})
 
 
 def builder_kwargs(backbone: str, image_size: int | None) -> dict:
@@ -325,7 +340,7 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
     """Frozen, truncated backbone and a JSON-able description of it.
 
     The description holds: backbone, weights (name), weights_sha256 (of the full
-    state_dict used), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
+    state_dict used), weights_record (`cache.records.Weights.to_json()`), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
     `layer` may list several cuts ("fc6,fc7,pool5"): the module then returns {name: (N, D)}
     from one forward pass, and the description has `cuts` (name, layer, layer_alias, pool,
     feature_dim of each) instead of the one cut's fields.
@@ -336,10 +351,11 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
     layers = split_layers(layer)
     if not layers:
         raise UserError(f"--layer {layer!r} names no cut: give one, or several joined by commas")
-    model, weights_name, sha = _model(backbone, weights, image_size)
+    model, record = _model(backbone, weights, image_size)
     named = weights if not is_timm(backbone) else "DEFAULT"
     pre = default_preprocessing(backbone, image_size, str(named))
-    info = {"backbone": backbone, "weights": weights_name, "weights_sha256": sha,
+    info = {"backbone": backbone, "weights": record.label(backbone),
+            "weights_sha256": record.sha256, RECORD_KEY: record.to_json(),
             "preprocessing": pre.to_dict()}
     if len(layers) > 1:
         return _multi_cut(model, backbone, layers, pre, pool, info)
@@ -377,9 +393,8 @@ def _multi_cut(model: nn.Module, backbone: str, layers: list[str], pre: Preproce
                            pre.mean, pre.std, pool)
     with torch.inference_mode():
         out = multi(torch.zeros(2, 3, pre.crop_size, pre.crop_size))
-    info["cuts"] = [{"name": layer, "layer": node, "layer_alias": _alias(backbone, layer, node),
-                     "pool": None if pool == "flatten" else pool,
-                     "feature_dim": int(out[layer].shape[1])}
+    info["cuts"] = [Cut(layer, node, _alias(backbone, layer, node),
+                        None if pool == "flatten" else pool, int(out[layer].shape[1])).to_json()
                     for layer, node in zip(layers, nodes)]
     return multi, info
 
@@ -406,4 +421,4 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 __all__ = ["LAYER_ALIASES", "PENULTIMATE", "FrozenBackbone", "split_layers", "build_backbone",
            "builder_kwargs", "final_layer", "check_backbone", "cut", "list_layers", "load_weights",
-           "pool_output", "resolve_layer", "state_dict_sha256"]
+           "pool_output", "resolve_layer", "state_dict_sha256", "warn_random_init"]

@@ -43,7 +43,7 @@ from cache import CacheReader, CacheWriter, partial_path, refresh_stats
 from ._version import __version__
 from .config import DTYPES, ExtractConfig
 from .augment import DEFAULT_SPEC, Augment
-from .backbone import build_backbone, split_layers
+from .backbone import build_backbone, split_layers, warn_random_init
 from .preprocessing import Preprocessing
 from ._distributed import Job
 from . import _engine as engine
@@ -390,8 +390,8 @@ def build_model(config: ExtractConfig):
     settings show it up to date). Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
     or stub the model; the replacement takes the config and returns (model, info) likewise."""
     if config.weights.lower() == "none":
-        log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
-                    "network, not a pretrained one", config.backbone, extra={"random_init": True})
+        warn_random_init(log, config.backbone, "using", "--weights none",
+                         "features describe a random network, not a pretrained one")
     return build_backbone(config.backbone, config.weights, config.layer, config.image_size,
                           config.pool)
 

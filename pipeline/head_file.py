@@ -19,6 +19,7 @@ from torch import nn
 
 from cache import manifest as mf
 from cache.errors import UserError, first_line
+from cache.records import RECORD_KEY, Weights
 from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields,
                             one_of, optional)
 
@@ -108,6 +109,8 @@ def check_head_meta(meta: dict, f: Fields) -> dict:
             f.need(cache, key, NAME, "cache.")
         for key in ("layer_alias", "pool", "path", "fingerprint"):
             f.may(cache, key, optional(STRING), "cache.")
+        if cache.get(RECORD_KEY) is not None:
+            Weights.from_json(cache[RECORD_KEY], f"{f.path}: cache.{RECORD_KEY}", RETRAIN)
         f.need(cache, "feature_dim", Check(lambda v: v == in_dim,
                                            f"in_dim ({in_dim}), the width the head takes"),
                "cache.")

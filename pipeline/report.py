@@ -36,6 +36,7 @@ from matplotlib.ticker import FuncFormatter
 from cache import CacheReader
 from cache import manifest as mf
 from cache.errors import UserError
+from cache.records import Cut, Weights
 
 from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
@@ -435,12 +436,11 @@ def _markdown(runs_dir: Path, rows: list[dict], best_run: dict | None, figures: 
                        if best.get(k) is not None) + "."]
     cache = (best_run or {}).get("meta", {}).get("cache")
     if cache:
-        weights = cache.get("weights")
-        cut = cache.get("layer_alias") or cache.get("layer")
-        lines += ["", f"Features: {cache.get('backbone')} {cut} "
-                  f"({cache.get('feature_dim')} wide), weights {weights}"
-                  + (" (RANDOM-INIT: the numbers describe random features)" if weights == "none"
-                     else "") + f", cache `{cache.get('path')}`."]
+        weights, cut = Weights.from_manifest(cache), Cut.from_json(cache)
+        lines += ["", f"Features: {cache['backbone']} {cut.display_name} "
+                  f"({cut.dim} wide), weights {cache['weights']}"
+                  + (" (RANDOM-INIT: the numbers describe random features)"
+                     if weights.is_random_init() else "") + f", cache `{cache.get('path')}`."]
     lines += ["", "## Leaderboard", "", *_table(rows[: config.leaderboard_rows])]
     if len(rows) > config.leaderboard_rows:
         lines += ["", f"{len(rows) - config.leaderboard_rows} more runs in "
