@@ -78,11 +78,16 @@ class Weights:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], where: Any = "cache") -> "Weights":
-        """The weights of a cache manifest (or of the `cache` entry of a head's metadata)."""
+        """The weights of a cache manifest (or of the `cache` entry of a head's metadata): its
+        record, or the `weights` string converted where there is none. The string and the
+        SHA-256 are what the features' fingerprint is made of, so a record that disagrees with
+        them (a file edited by hand) gives way to them."""
+        backbone, label, sha = manifest["backbone"], manifest["weights"], manifest["weights_sha256"]
         if manifest.get(RECORD_KEY) is not None:
-            return cls.from_json(manifest[RECORD_KEY], where)
-        return cls.from_label(manifest["backbone"], manifest["weights"],
-                              manifest["weights_sha256"])
+            record = cls.from_json(manifest[RECORD_KEY], where)
+            if record.label(backbone) == label and record.sha256 == sha:
+                return record
+        return cls.from_label(backbone, label, sha)
 
 
 @dataclass(frozen=True)

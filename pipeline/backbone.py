@@ -310,7 +310,7 @@ def warn_random_init(logger: logging.Logger, backbone: str, how: str, flag: str,
     RANDOM-INIT vgg16 weights (--weights none): ..."). The record carries the mark
     `random_init`, by which `pipeline demo`, which says it once itself, drops it."""
     logger.warning("%s RANDOM-INIT %s weights (%s): %s", how, backbone, flag, consequence,
-                   extra={"random_init": True})
+                   extra={"random_init": True}, stacklevel=2)
 
 
 def builder_kwargs(backbone: str, image_size: int | None) -> dict:
