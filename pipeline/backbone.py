@@ -146,10 +146,15 @@ def resolve_layer(layer: str, model: nn.Module | None = None, backbone: str = "v
 def cut(model: nn.Module, layer: str, backbone: str = "vgg16") -> nn.Module:
     """The part of `model` whose output is graph node `layer` (or a named cut): a module
     mapping a normalised batch to that node's output."""
-    node = resolve_layer(layer, model, backbone)
+    return _cut_at(model, resolve_layer(layer, model, backbone), layer, backbone)
+
+
+def _cut_at(model: nn.Module, node: str, layer: str, backbone: str) -> nn.Module:
+    """`cut` at graph node `node`, resolved from the user's `layer` (named in errors)."""
     if node == PENULTIMATE:                                   # timm's own contract
         return _PreLogits(model)
-    _check_node(_node_names(model, backbone), node, layer, backbone)
+    if layer != PENULTIMATE:   # the penultimate node was found among the graph's own nodes
+        _check_node(_node_names(model, backbone), node, layer, backbone)
     if is_timm(backbone):
         from timm.models import create_feature_extractor
     else:
@@ -359,8 +364,9 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
             "preprocessing": pre.to_dict()}
     if len(layers) > 1:
         return _multi_cut(model, backbone, layers, pre, pool, info)
+    layer = layers[0]   # resolved once: "fc7," and " fc7" name the cut fc7, as in a list
     node = resolve_layer(layer, model, backbone)
-    frozen = FrozenBackbone(cut(model, node, backbone), pre.mean, pre.std, pool)
+    frozen = FrozenBackbone(_cut_at(model, node, layer, backbone), pre.mean, pre.std, pool)
     with torch.inference_mode():
         dim = frozen(torch.zeros(2, 3, pre.crop_size, pre.crop_size)).shape[1]
     info.update({

@@ -129,3 +129,9 @@ def test_export_asks_for_weights_when_the_file_changed(made, tmp_path):
     text = str(e.value)
     assert "\n" not in text and str(changed) in text and "has changed" in text
     assert "--weights PATH" in text
+
+
+def test_one_cut_is_resolved_from_the_split_list():
+    _, info = build_backbone("vgg16", "none", " fc7,", image_size=32)
+    assert (info["layer"], info["layer_alias"], info["feature_dim"]) == ("classifier.4", "fc7", 4096)
+    assert info["weights"] == "none" and info[RECORD_KEY]["kind"] == "none"
