@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import click
@@ -127,13 +126,9 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
 
 def _check_output_folder(output: Path) -> None:
     """Refuse, before predicting, an -o whose folder is missing or cannot be written."""
-    from cache.errors import UserError
+    from pipeline._files import check_output_file
 
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"-o {output}: the folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {output}: {parent} is not writable: choose another -o")
+    check_output_file(output)
 
 
 def _refuse_input_as_output(output: Path, inputs: list[Path]) -> None:

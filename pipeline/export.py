@@ -42,6 +42,7 @@ from cache.records import Cut, Weights
 from cache import CacheReader, fsync_path
 
 from . import _parity as parity
+from ._files import check_output_file
 from ._writers import write
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
@@ -172,11 +173,7 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
         raise UserError(f"-o {output}: a {config.format} model file ends in "
                          f"{' or '.join(suffixes)}; name it {output.with_suffix(suffixes[0])} "
                          f"or pick the format that matches")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}: choose another -o")
+    check_output_file(output)
     if config.input not in INPUTS:
         raise UserError(f"unknown input {config.input!r}: use {' or '.join(INPUTS)}")
     if config.input == "image" and config.format == "torchvision":
