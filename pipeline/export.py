@@ -23,7 +23,6 @@ its logits must equal the head's on the cached features within the rounding of t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

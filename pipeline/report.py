@@ -39,10 +39,10 @@ from cache.errors import UserError
 from cache.records import Cut, Weights
 
 from ._files import check_folder, make_folder, write_file, write_text
+from ._readback import CHANGED, MISSING, images_root, read_row_image
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig
 from .head_file import load_head, read_head_meta
-from .images import BadImageError, read_image
 from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
@@ -398,19 +398,15 @@ def _check_recorded(run: dict, labels: np.ndarray, pred: np.ndarray, notes: list
 
 def _load_images(reader: CacheReader, rows, order, labels, pred, confidence, names,
                  config: ReportConfig, notes: list) -> list[dict]:
-    root = Path(config.images_root or reader.manifest.get("source_root") or ".")
+    root = images_root(reader, config.images_root)
     out, missing, changed = [], 0, 0
     for i in order[: max(200, 10 * config.misclassified)]:       # bound the tries
         if len(out) == config.misclassified:
             break
         row = int(rows[i])
-        try:
-            image, digest = read_image(root / reader.paths[row])
-        except BadImageError:
-            missing += 1
-            continue
-        if digest != reader.digests[row]:
-            changed += 1
+        image, why = read_row_image(reader, root, row)
+        missing, changed = missing + (why == MISSING), changed + (why == CHANGED)
+        if image is None:
             continue
         image.thumbnail((_THUMB, _THUMB))
         out.append({"image": image, "path": reader.paths[row], "true": names[labels[i]],
