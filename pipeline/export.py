@@ -47,7 +47,7 @@ from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
                        is_timm, warn_random_init)
 from .config import FORMATS, INPUTS, ExportConfig
-from .head_file import load_head
+from .head_file import load_head, open_head_cache
 from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 from .preprocessing import ImageInput, Preprocessing
 
@@ -233,9 +233,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
         raise UserError(f"the parity check needs the cache the head was trained on, and "
                          f"{str(path) or 'none'} is not there: pass --cache PATH, or "
                          "--no-parity-check to export without the check")
-    reader = CacheReader(path, layer=meta["cache"]["layer"])   # the head's cut of the cache
-    keys = mf.ROW_KEYS                             # float32 vs float16, views or not: fine
-    diff = mf.differences(meta["cache"], reader.manifest, keys)
+    reader, diff = open_head_cache(meta, path)
     if diff:
         reader.close()
         raise UserError(f"cache {path} holds other features than the head was trained on "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cache import CacheReader
 from cache import manifest as mf
 from cache.errors import UserError, first_line
 from cache.records import RECORD_KEY, Weights
@@ -159,10 +160,22 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     return module.eval(), meta
 
 
+def open_head_cache(meta: dict, path: str | Path, allow_incomplete: bool = False,
+                    classes: bool = False) -> tuple[CacheReader, list[str]]:
+    """The cache at `path` opened at the head's cut, and what in it differs from the features
+    the head was trained on (`meta["cache"]`): the fields that decide a plain-view row (a
+    float16 or augmented cache of the same rows is fine), with `classes` the class names too.
+    An empty list: it holds the head's features. The caller closes the reader."""
+    reader = CacheReader(path, layer=meta["cache"]["layer"], allow_incomplete=allow_incomplete)
+    keys = (*mf.ROW_KEYS, "class_names") if classes else mf.ROW_KEYS
+    return reader, mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
+                                  reader.manifest, keys)
+
+
 def _reason(e: Exception) -> str:
     line = first_line(e)
     return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"
 
 
 __all__ = ["HEAD_FORMAT", "RETRAIN", "WRITE_FIX", "build_head", "check_head_meta", "load_head",
-           "read_head_meta", "save_head"]
+           "open_head_cache", "read_head_meta", "save_head"]

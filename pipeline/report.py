@@ -34,7 +34,6 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from cache import CacheReader
-from cache import manifest as mf
 from cache.errors import UserError
 from cache.records import Cut, Weights
 
@@ -42,7 +41,7 @@ from ._files import check_folder, make_folder, write_file, write_text
 from ._readback import CHANGED, MISSING, images_root, read_row_image
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig
-from .head_file import load_head, read_head_meta
+from .head_file import load_head, open_head_cache, read_head_meta
 from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
@@ -346,16 +345,12 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
     split = kind == VAL_HASH_SPLIT
     path = Path(config.cache or (meta["cache"].get("path") or "" if split else source["path"]))
     try:
-        reader = CacheReader(path, layer=meta["cache"]["layer"],
-                             allow_incomplete=bool((meta.get("config") or {}).get(
-                                 "allow_incomplete")))
+        reader, diff = open_head_cache(meta, path, bool((meta.get("config") or {}).get(
+            "allow_incomplete")), classes=True)
     except UserError as e:
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
         return None, np.empty(0, np.int64)
-    keys = mf.ROW_KEYS
-    diff = mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
-                          reader.manifest, (*keys, "class_names"))
     if diff:
         reader.close()
         notes.append(f"{_GRID}{path} holds other features than the head was trained on "
