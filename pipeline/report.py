@@ -42,6 +42,7 @@ from ._readback import CHANGED, MISSING, images_root, read_row_image
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig
 from .head_file import load_head, open_head_cache, read_head_meta
+from .leaderboard import table
 from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
@@ -444,17 +445,8 @@ def _markdown(runs_dir: Path, rows: list[dict], best_run: dict | None, figures: 
 
 
 def _table(rows: list[dict]) -> list[str]:
-    columns = [("rank", "#"), ("run_id", "run"), ("head", "head"), ("val_acc", "val acc"),
-               ("val_loss", "val loss"), ("train_loss", "train loss"), ("test_acc", "test acc"),
-               ("epochs_run", "epochs")]
-    columns = [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
-    out = ["| " + " | ".join(t for _, t in columns) + " |",
-           "|" + "|".join("---" if k in ("run_id", "head") else "---:" for k, _ in columns) + "|"]
-    for r in rows:
-        cells = ["" if r.get(k) is None else f"`{r[k]}`" if k == "run_id" else
-                 f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k, _ in columns]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+    return table(rows, ("rank", "run_id", "head", "val_acc", "val_loss", "train_loss",
+                        "test_acc", "epochs_run"), markdown=True)
 
 
 __all__ = ["FIGURES", "ReportSummary", "report"]
