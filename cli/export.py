@@ -34,7 +34,8 @@ _P = defaults(PredictConfig)
                    "normalised inside the model (pt2, onnx).")
 @click.option("--weights", default=_E["weights"],
               help="Backbone weights to rebuild; default: those the cache manifest names (a local "
-                   ".pth must be passed again). Their SHA-256 must equal the manifest's.")
+                   ".pth at the path recorded when the cache was made). Their SHA-256 must equal "
+                   "the manifest's.")
 @click.option("--cache", type=click.Path(path_type=Path, dir_okay=False), default=_E["cache"],
               help="Cache whose images drive the parity check; default: the head's training cache.")
 @click.option("--images-root", type=click.Path(path_type=Path, file_okay=False),
