@@ -21,6 +21,7 @@ import math
 from typing import Any, Callable, NamedTuple, NoReturn
 
 from .errors import UserError
+from .records import RECORD_KEY, REEXTRACT, Cut, Weights
 
 FORMAT_VERSION = 1          # one cut: dataset `features`
 MULTI_CUT_VERSION = 2       # several cuts: group `cuts`, one dataset per cut name
@@ -44,6 +45,8 @@ FEATURE_KEYS = (
     "cuts",           # several cuts: [{name, layer, layer_alias, pool, feature_dim}]; else None
     "views",          # augmented views: {count, spec, seed}; None for the plain view alone
 )
+# Not a feature key: `weights_record` (records.Weights as JSON: kind, name, SHA-256, and a
+# local file's path, which may move without changing a row).
 # Fields that decide the plain-view row of an image, whatever the storage dtype and whatever
 # augmented views a cache also holds: train, val and test caches, and a head and the cache
 # that checks it, must agree on these.
@@ -53,10 +56,7 @@ ROW_KEYS = tuple(k for k in FEATURE_KEYS if k not in ("dtype", "views"))
 def cuts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The cuts a cache holds, each {name, layer, layer_alias, pool, feature_dim}; a one-cut
     manifest's cut is named by its alias (fc7, penultimate) or else its layer."""
-    if manifest.get("cuts"):
-        return [dict(c) for c in manifest["cuts"]]
-    cut = {k: manifest.get(k) for k in CUT_KEYS}
-    return [{"name": cut["layer_alias"] or cut["layer"], **cut}]
+    return [c.to_json() for c in Cut.all(manifest)]
 
 
 def view_count(manifest: dict[str, Any]) -> int:
@@ -122,6 +122,8 @@ def validate(manifest: Any, path: Any, preprocessing: tuple = ("crop_size",)) ->
         f.need(views, "count", VIEW_COUNT, "views.")
         f.need(views, "spec", NAME, "views.")
         f.need(views, "seed", INTEGER, "views.")
+    if manifest.get(RECORD_KEY) is not None:
+        Weights.from_json(manifest[RECORD_KEY], path)
     if manifest.get("cuts") is None:
         _check_cut(f, manifest, "")
         return manifest
@@ -194,7 +196,6 @@ def _short(value: Any) -> str:
 
 # ------------------------------------------------------------------ checking stored JSON files
 
-REEXTRACT = "re-extract it with `pipeline extract SOURCE -o CACHE --overwrite`"
 PREPROCESSING_KEYS = ("resize_size", "crop_size", "mean", "std", "interpolation", "antialias")
 # torchvision's InterpolationMode values (the cache layer does not import torchvision).
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")

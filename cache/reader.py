@@ -13,6 +13,7 @@ import numpy as np
 from . import _h5
 from . import manifest as mf
 from .errors import Unreadable, UserError, first_line
+from .records import Cut, Weights
 from .writer import partial_path
 
 
@@ -79,6 +80,17 @@ class CacheReader:
     def cut_names(self) -> list[str]:
         """Names of the cuts this cache holds (one for a one-cut cache)."""
         return [c["name"] for c in mf.cuts(self.file_manifest)]
+
+    @property
+    def weights(self) -> Weights:
+        """The record of the backbone weights the cache was made with (converted from the
+        `weights` string for caches written before the record existed)."""
+        return Weights.from_manifest(self.file_manifest, self.path)
+
+    @property
+    def cuts(self) -> list[Cut]:
+        """The records of the cuts this cache holds (one for a one-cut cache)."""
+        return Cut.all(self.file_manifest)
 
     @property
     def n_views(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import click
@@ -35,7 +34,8 @@ _P = defaults(PredictConfig)
                    "normalised inside the model (pt2, onnx).")
 @click.option("--weights", default=_E["weights"],
               help="Backbone weights to rebuild; default: those the cache manifest names (a local "
-                   ".pth must be passed again). Their SHA-256 must equal the manifest's.")
+                   ".pth at the path recorded when the cache was made). Their SHA-256 must equal "
+                   "the manifest's.")
 @click.option("--cache", type=click.Path(path_type=Path, dir_okay=False), default=_E["cache"],
               help="Cache whose images drive the parity check; default: the head's training cache.")
 @click.option("--images-root", type=click.Path(path_type=Path, file_okay=False),
@@ -131,13 +131,9 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
 
 def _check_output_folder(output: Path) -> None:
     """Refuse, before predicting, an -o whose folder is missing or cannot be written."""
-    from cache.errors import UserError
+    from pipeline._files import check_output_file
 
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"-o {output}: the folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {output}: {parent} is not writable: choose another -o")
+    check_output_file(output)
 
 
 def _refuse_input_as_output(output: Path, inputs: list[Path]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import Options, TrainConfig, rule_of
+from pipeline.leaderboard import table
 
 from .main_helpers import click_type, defaults, fail_on_user_error, output_folder, size_text
 
@@ -227,17 +228,6 @@ def train_head_command(ctx: click.Context, train: Path, runs_dir: Path, val: Pat
 
 def _table(rows: list[dict], limit: int = 40) -> str:
     """The leaderboard as aligned text columns (the first `limit` rows)."""
-    columns = [("rank", "#"), ("run_id", "run"), ("val_acc", "val acc"),
-               ("val_balanced_acc", "bal acc"), ("val_top5", "top5"), ("val_loss", "val loss"),
-               ("train_loss", "train loss"), ("test_acc", "test acc"), ("epochs_run", "epochs")]
-    columns = [(k, title) for k, title in columns if any(r.get(k) is not None for r in rows)]
-    cells = [[title for _, title in columns]]
-    for r in rows[:limit]:
-        cells.append(["" if r.get(k) is None else f"{r[k]:.4f}" if isinstance(r[k], float)
-                      else str(r[k]) for k, _ in columns])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w)          # run ids left-aligned
-                       for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    if len(rows) > limit:
-        lines.append(f"... {len(rows) - limit} more in results.csv")
-    return "\n".join(lines)
+    return "\n".join(table(rows, ("rank", "run_id", "val_acc", "val_balanced_acc", "val_top5",
+                                   "val_loss", "train_loss", "test_acc", "epochs_run"),
+                            limit=limit))

@@ -112,9 +112,9 @@ class Job:
         except KeyboardInterrupt:
             raise                # Ctrl-C: stop now, not wait for ranks that may not come
         except UserError as e:
-            value, failure, own = None, ("user", str(e)), e
+            value, failure, own = None, ("user", first_line(e, 1000)), e
         except BaseException as e:
-            value, failure, own = None, ("bug", f"{type(e).__name__}: {e}"), e
+            value, failure, own = None, ("bug", f"{type(e).__name__}: {first_line(e)}"), e
         self.wait(what)          # names a rank that died or hangs, instead of blocking forever
         failures = [(r, f) for r, f in enumerate(self.gather(failure)) if f is not None]
         if not failures:

@@ -65,6 +65,16 @@ def check_folder(folder: str | Path, what: str, fix: str) -> Path:
     return folder
 
 
+def check_output_file(output: str | Path) -> Path:
+    """Refuse, before any work, an output file (-o) whose folder is missing or not writable."""
+    parent = Path(output).resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent}: it is not writable: choose another -o")
+    return Path(output)
+
+
 def make_folder(folder: str | Path, what: str, fix: str) -> Path:
     """mkdir -p `folder`, an OSError as one UserError."""
     folder = Path(folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 from cache import CacheReader, CacheWriter, cache_kind
 from cache.errors import UserError
 
+from ._files import check_output_file
 from .sources import ImageList
 
 try:
@@ -41,11 +42,7 @@ def check_output(output: Path) -> None:
     """Fail before any work when the output cannot be written."""
     if output.is_dir():
         raise UserError(f"output {output} is a folder: give a file name such as {output / 'cache.h5'}")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}: choose another -o")
+    check_output_file(output)
 
 
 def check_replaceable(output: Path) -> None:

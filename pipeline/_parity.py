@@ -8,7 +8,6 @@ compute precision carry, propagated through the head (`_error_sigma`).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 from cache.errors import UserError
 from cache.reader import CacheReader
 
-from .images import BadImageError, read_image
+from ._readback import images_root as images_root_of, read_row_image
 from .knn_head import KNNHead, parity_sigma
 from .models import LoadedModel
 from .preprocessing import to_float_batch
@@ -85,7 +84,7 @@ def pick_images(reader: CacheReader, pre: Callable, images_root: str | None, cou
     the cache's source root) is still there and unchanged (same SHA-256), decoded as extract
     decodes, then `pre` (the cache's Preprocessing for (3, S, S) uint8 crops, or pil_to_tensor
     for whole images)."""
-    root = Path(images_root or reader.manifest.get("source_root") or ".")
+    root = images_root_of(reader, images_root)
     n = reader.n_rows
     candidates = np.unique(np.linspace(0, n - 1, min(n, _PARITY_TRIES)).round().astype(int))
     # Interleave so the first picks spread over the whole cache (classes are contiguous).
@@ -95,11 +94,8 @@ def pick_images(reader: CacheReader, pre: Callable, images_root: str | None, cou
         if len(rows) == count:
             break
         tried += 1
-        try:
-            img, digest = read_image(root / reader.paths[r])
-        except BadImageError:
-            continue
-        if digest == reader.digests[r]:
+        img, _ = read_row_image(reader, root, r)
+        if img is not None:
             rows.append(r)
             crops.append(pre(img))
     if not rows:

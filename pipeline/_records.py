@@ -31,6 +31,7 @@ import torch
 
 from cache import manifest as mf
 from cache.errors import UserError
+from cache.records import RECORD_KEY
 from cache.manifest import COUNT, LIST, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields, optional
 
 from ._feature_splits import Context
@@ -136,7 +137,7 @@ def record(runs_dir: Path, r: Result, ctx: Context) -> dict:
         "weights_epoch": r.best_epoch if ctx.cfg.patience else (len(r.history) or None), **r.extra,
         "cache": {"path": str(ctx.train.reader.path.resolve()),
                   "fingerprint": mf.feature_fingerprint(m),
-                  **{k: m.get(k) for k in (*mf.FEATURE_KEYS, "layer_alias")}},
+                  **{k: m.get(k) for k in (*mf.FEATURE_KEYS, "layer_alias", RECORD_KEY)}},
         "data": {"train_rows": len(ctx.train.rows),
                  "val_rows": len(ctx.val.rows) if ctx.val else 0,
                  "val": _val_source(ctx),

@@ -17,7 +17,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cache.errors import UserError
+from cache.errors import UserError, first_line
+from cache.records import Cut
 
 from .models import META_NAME
 
@@ -68,9 +69,9 @@ def _write_torchvision(model: nn.Module, meta: dict, path: Path) -> list[Path]:
     try:
         full.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        cut = meta["backbone"]["layer_alias"] or meta["backbone"]["layer"]
+        cut = Cut.from_json(meta["backbone"]).display_name
         raise UserError(f"--format torchvision needs the penultimate cut of {tv['model']} (this "
-                        f"head is on {cut}: {str(e).splitlines()[0][:160]}): use --format pt2 or "
+                        f"head is on {cut}: {first_line(e, 160)}): use --format pt2 or "
                         "onnx, or extract with --layer penultimate") from None
     # Serialized in memory, then written by Python: torch.save reports a full disk as a
     # RuntimeError ("unexpected pos ..."), not as the OSError that export turns into one line.

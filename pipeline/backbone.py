@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from cache.errors import UserError
+from cache.errors import UserError, first_line
+from cache.records import RECORD_KEY, Cut, Weights
 
 from .config import POOLS, split_layers
 from .preprocessing import Preprocessing, default_preprocessing
@@ -113,7 +116,7 @@ def _node_names(model: nn.Module, backbone: str) -> list[str]:
     try:
         return get_graph_node_names(model)[1]
     except Exception as e:   # models whose forward cannot be traced symbolically
-        raise UserError(f"{backbone} cannot be cut at inner nodes ({str(e).splitlines()[0]}): "
+        raise UserError(f"{backbone} cannot be cut at inner nodes ({first_line(e)}): "
                         f"use --layer {PENULTIMATE}") from None
 
 
@@ -143,10 +146,15 @@ def resolve_layer(layer: str, model: nn.Module | None = None, backbone: str = "v
 def cut(model: nn.Module, layer: str, backbone: str = "vgg16") -> nn.Module:
     """The part of `model` whose output is graph node `layer` (or a named cut): a module
     mapping a normalised batch to that node's output."""
-    node = resolve_layer(layer, model, backbone)
+    return _cut_at(model, resolve_layer(layer, model, backbone), layer, backbone)
+
+
+def _cut_at(model: nn.Module, node: str, layer: str, backbone: str) -> nn.Module:
+    """`cut` at graph node `node`, resolved from the user's `layer` (named in errors)."""
     if node == PENULTIMATE:                                   # timm's own contract
         return _PreLogits(model)
-    _check_node(_node_names(model, backbone), node, layer, backbone)
+    if layer != PENULTIMATE:   # the penultimate node was found among the graph's own nodes
+        _check_node(_node_names(model, backbone), node, layer, backbone)
     if is_timm(backbone):
         from timm.models import create_feature_extractor
     else:
@@ -166,7 +174,7 @@ def _check_node(names: list[str], node: str, layer: str, backbone: str) -> None:
 def list_layers(backbone: str = "vgg16", image_size: int | None = None) -> list[str]:
     """The cut names of a backbone: its named cuts, then every graph node in execution order.
     Builds the model with random weights (no download)."""
-    model, _, _ = _model(backbone, "none", image_size)
+    model, _ = _model(backbone, "none", image_size)
     named = [PENULTIMATE] + (list(LAYER_ALIASES) if backbone.startswith("vgg") else [])
     return named + _node_names(model, backbone)
 
@@ -243,7 +251,7 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
             model = timm.create_model(backbone[len(TIMM):], pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:   # offline (URLError and the hub's HTTP errors
             # are OSErrors), gated, no weights for this name (timm's RuntimeError)
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            reason = first_line(e)
             raise UserError(f"could not get timm weights for {backbone} ({reason}): connect "
                             "once, or pass a local .pth file with --weights") from None
         return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
@@ -278,8 +286,8 @@ def _load_file(backbone: str, path: Path) -> dict:
 
 
 def _model(backbone: str, weights: str | Path, image_size: int | None
-           ) -> tuple[nn.Module, str, str]:
-    """(eval-mode model with the weights loaded, weights name, state_dict SHA-256)."""
+           ) -> tuple[nn.Module, Weights]:
+    """(eval-mode model with the weights loaded, the record of its weights)."""
     check_backbone(backbone)
     state_dict, name = load_weights(backbone, weights, image_size)
     with torch.device("meta"):   # no random init of many parameters only to overwrite them
@@ -292,10 +300,22 @@ def _model(backbone: str, weights: str | Path, image_size: int | None
     except RuntimeError as e:
         raise UserError(f"weights {name} do not fit {backbone}"
                         f"{'' if image_size is None else f' at --image-size {image_size}'}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     sha = _random_init(backbone, image_size)[1] if name == "none" else state_dict_sha256(
         model.state_dict())
-    return model.eval().requires_grad_(False), name, sha
+    record = Weights.from_label(backbone, name, sha)
+    if record.kind == "file":   # where it was, so that export finds it again by itself
+        record = replace(record, path=str(Path(weights).resolve()))
+    return model.eval().requires_grad_(False), record
+
+
+def warn_random_init(logger: logging.Logger, backbone: str, how: str, flag: str,
+                     consequence: str) -> None:
+    """Say loudly, on the stage's own logger, that a model has random-init weights ("using
+    RANDOM-INIT vgg16 weights (--weights none): ..."). The record carries the mark
+    `random_init`, by which `pipeline demo`, which says it once itself, drops it."""
+    logger.warning("%s RANDOM-INIT %s weights (%s): %s", how, backbone, flag, consequence,
+                   extra={"random_init": True}, stacklevel=2)
 
 
 def builder_kwargs(backbone: str, image_size: int | None) -> dict:
@@ -320,7 +340,7 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
     """Frozen, truncated backbone and a JSON-able description of it.
 
     The description holds: backbone, weights (name), weights_sha256 (of the full
-    state_dict used), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
+    state_dict used), weights_record (`cache.records.Weights.to_json()`), layer (graph node), layer_alias, pool, feature_dim, preprocessing.
     `layer` may list several cuts ("fc6,fc7,pool5"): the module then returns {name: (N, D)}
     from one forward pass, and the description has `cuts` (name, layer, layer_alias, pool,
     feature_dim of each) instead of the one cut's fields.
@@ -331,15 +351,17 @@ def build_backbone(backbone: str = "vgg16", weights: str | Path = "DEFAULT",
     layers = split_layers(layer)
     if not layers:
         raise UserError(f"--layer {layer!r} names no cut: give one, or several joined by commas")
-    model, weights_name, sha = _model(backbone, weights, image_size)
+    model, record = _model(backbone, weights, image_size)
     named = weights if not is_timm(backbone) else "DEFAULT"
     pre = default_preprocessing(backbone, image_size, str(named))
-    info = {"backbone": backbone, "weights": weights_name, "weights_sha256": sha,
+    info = {"backbone": backbone, "weights": record.label(backbone),
+            "weights_sha256": record.sha256, RECORD_KEY: record.to_json(),
             "preprocessing": pre.to_dict()}
     if len(layers) > 1:
         return _multi_cut(model, backbone, layers, pre, pool, info)
+    layer = layers[0]   # resolved once: "fc7," and " fc7" name the cut fc7, as in a list
     node = resolve_layer(layer, model, backbone)
-    frozen = FrozenBackbone(cut(model, node, backbone), pre.mean, pre.std, pool)
+    frozen = FrozenBackbone(_cut_at(model, node, layer, backbone), pre.mean, pre.std, pool)
     with torch.inference_mode():
         dim = frozen(torch.zeros(2, 3, pre.crop_size, pre.crop_size)).shape[1]
     info.update({
@@ -372,9 +394,8 @@ def _multi_cut(model: nn.Module, backbone: str, layers: list[str], pre: Preproce
                            pre.mean, pre.std, pool)
     with torch.inference_mode():
         out = multi(torch.zeros(2, 3, pre.crop_size, pre.crop_size))
-    info["cuts"] = [{"name": layer, "layer": node, "layer_alias": _alias(backbone, layer, node),
-                     "pool": None if pool == "flatten" else pool,
-                     "feature_dim": int(out[layer].shape[1])}
+    info["cuts"] = [Cut(layer, node, _alias(backbone, layer, node),
+                        None if pool == "flatten" else pool, int(out[layer].shape[1])).to_json()
                     for layer, node in zip(layers, nodes)]
     return multi, info
 
@@ -401,4 +422,4 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 __all__ = ["LAYER_ALIASES", "PENULTIMATE", "FrozenBackbone", "split_layers", "build_backbone",
            "builder_kwargs", "final_layer", "check_backbone", "cut", "list_layers", "load_weights",
-           "pool_output", "resolve_layer", "state_dict_sha256"]
+           "pool_output", "resolve_layer", "state_dict_sha256", "warn_random_init"]

@@ -36,6 +36,7 @@ from .config import (DEMO_OUT, DemoConfig, ExportConfig, ExtractConfig, PredictC
 from .export import ExportSummary, export
 from .extract import ExtractSummary, extract
 from .images import read_image
+from .leaderboard import table
 from .sources import find_images
 from .predict import PredictResult, predict
 from .report import ReportSummary, report
@@ -206,16 +207,8 @@ def _accuracy(predicted, test_dir: Path) -> float:
 
 def _leaderboard_lines(rows: list[dict], csv_path: str, limit: int = 10) -> list[str]:
     """The first `limit` leaderboard rows as aligned text columns."""
-    cells = [["#", "run", "val acc", "val loss", "test acc"]]
-    for r in rows[:limit]:
-        cells.append([str(r["rank"]), r["run_id"]] + [
-            "" if r.get(k) is None else f"{r[k]:.4f}" for k in ("val_acc", "val_loss", "test_acc")])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  " + "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
-                              for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    if len(rows) > limit:
-        lines.append(f"  ... {len(rows) - limit} more in {csv_path}")
-    return lines
+    return table(rows, ("rank", "run_id", "val_acc", "val_loss", "test_acc"), limit=limit,
+                 more=csv_path, indent="  ")
 
 
 # ----------------------------------------------------------------------- the tutorial's way

@@ -37,15 +37,17 @@ from torchvision.transforms import functional as TF
 
 from cache import manifest as mf
 from cache.errors import UserError
+from cache.records import Cut, Weights
 from cache import CacheReader, fsync_path
 
 from . import _parity as parity
+from ._files import check_output_file
 from ._writers import write
 from ._version import __version__
 from .backbone import (LAYER_ALIASES, FrozenBackbone, build_backbone, builder_kwargs, final_layer,
-                       is_timm)
+                       is_timm, warn_random_init)
 from .config import FORMATS, LINEAR_LAYER, ExportConfig, validate
-from .head_file import load_head
+from .head_file import load_head, open_head_cache
 from .models import MODEL_FORMAT, SUFFIXES, LoadedModel, load_model
 from .preprocessing import ImageInput, Preprocessing
 
@@ -71,7 +73,7 @@ class ExportSummary:
         h = self.meta["head"]
         rows = (f" (embeds its {h['bank_rows']} training rows)" if "bank_rows" in h else "")
         text = (f"{self.path}: {self.format}, {self.size_bytes / 2**20:.1f} MiB, {b['backbone']} "
-                f"{b['layer_alias'] or b['layer']} + {h['kind']} head{rows}, "
+                f"{Cut.from_json(b).display_name} + {h['kind']} head{rows}, "
                 f"{len(self.class_names)} classes, input " + (
                     f"(N, 3, {self.input_size}, {self.input_size}) float in [0, 1]"
                     if self.meta["input"]["kind"] == "tensor" else
@@ -171,11 +173,7 @@ def _check_request(config: ExportConfig, output: Path, given: str) -> None:
         raise UserError(f"-o {output}: a {config.format} model file ends in "
                          f"{' or '.join(suffixes)}; name it {output.with_suffix(suffixes[0])} "
                          f"or pick the format that matches")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}: choose another -o")
+    check_output_file(output)
     if config.input == "image" and config.format == "torchvision":
         raise UserError("--input image needs --format pt2 or onnx: the torchvision format is a "
                         "plain state_dict of the torchvision model, which takes normalised tensors")
@@ -208,7 +206,7 @@ def _load_head(path: str | Path) -> tuple[nn.Module, dict]:
 def _check_format_fits(fmt: str, meta: dict) -> None:
     if fmt != "torchvision":
         return
-    cut = meta["cache"].get("layer_alias") or meta["cache"]["layer"]
+    cut = Cut.from_json(meta["cache"]).display_name
     if is_timm(meta["cache"]["backbone"]) or meta["kind"] not in LINEAR_LAYER:
         raise UserError(f"--format torchvision is a torchvision model with its last layer "
                         f"replaced: it needs a torchvision backbone cut at penultimate (VGG: fc7) "
@@ -231,9 +229,7 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
         raise UserError(f"the parity check needs the cache the head was trained on, and "
                          f"{str(path) or 'none'} is not there: pass --cache PATH, or "
                          "--no-parity-check to export without the check")
-    reader = CacheReader(path, layer=meta["cache"]["layer"])   # the head's cut of the cache
-    keys = mf.ROW_KEYS                             # float32 vs float16, views or not: fine
-    diff = mf.differences(meta["cache"], reader.manifest, keys)
+    reader, diff = open_head_cache(meta, path)
     if diff:
         reader.close()
         raise UserError(f"cache {path} holds other features than the head was trained on "
@@ -241,31 +237,35 @@ def _open_cache(config: ExportConfig, meta: dict) -> CacheReader:
     return reader
 
 
-def _weights_arg(backbone: str, recorded: str, given: str | None) -> str:
-    """The --weights value that rebuilds the recorded weights ('vgg16:IMAGENET1K_V1' ->
-    'IMAGENET1K_V1'; a timm model's pretrained weights -> 'DEFAULT')."""
+def _weights_arg(recorded: Weights, given: str | None) -> str:
+    """The --weights value that rebuilds the recorded weights: `given`, else the recorded
+    name, or the local file at its recorded path while it is still there."""
     if given:
         return given
-    if recorded == "none":
-        return "none"
-    if recorded.startswith("file:"):
-        raise UserError(f"the cache was extracted with the local weights file {recorded[5:]}: "
-                         "pass it again with --weights PATH")
-    if recorded.startswith(backbone + ":"):
-        return "DEFAULT" if is_timm(backbone) else recorded[len(backbone) + 1:]
-    return recorded
+    arg = recorded.argument()
+    if recorded.kind == "file" and (arg is None or not Path(arg).is_file()):
+        where = f"from {arg}, which is no longer there" if arg else (
+            f"{recorded.name} (its path was not recorded)")
+        raise UserError(f"the cache was extracted with the local weights file {where}: "
+                        "pass it with --weights PATH")
+    return arg
 
 
 def _rebuild_backbone(meta: dict, weights: str | None) -> tuple[FrozenBackbone, dict]:
     """The frozen backbone of the head's cache, proven to be the same by its weights' SHA-256."""
     m = meta["cache"]
-    arg = _weights_arg(m["backbone"], m["weights"], weights)
+    recorded = Weights.from_manifest(m, "the head's cache record")
+    arg = _weights_arg(recorded, weights)
     if arg.lower() == "none":
-        log.warning("the cache was made with RANDOM-INIT %s weights (none): so is the model",
-                    m["backbone"], extra={"random_init": True})
+        warn_random_init(log, m["backbone"], "the cache was made with", "none", "so is the model")
     backbone, info = build_backbone(m["backbone"], arg, m["layer"],
                                     image_size=m["preprocessing"]["crop_size"],
                                     pool=m.get("pool") or "flatten")
+    if info["weights_sha256"] != m["weights_sha256"] and not weights and recorded.kind == "file":
+        raise UserError(f"the local weights file {arg} has changed since the cache was "
+                        f"extracted with it (state_dict sha256 {info['weights_sha256'][:12]}, "
+                        f"recorded {m['weights_sha256'][:12]}): pass the original with "
+                        "--weights PATH")
     if info["weights_sha256"] != m["weights_sha256"]:
         raise UserError(f"weights {info['weights']} (state_dict sha256 "
                          f"{info['weights_sha256'][:12]}) are not the weights the cache was "

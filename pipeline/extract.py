@@ -397,10 +397,10 @@ def build_model(config: ExtractConfig):
     settings show it up to date). Tests and tools may replace it
     (`pipeline.extract.build_model = ...`) to wrap or stub the model; the replacement takes the
     config and returns (model, info) likewise."""
-    from .backbone import build_backbone
+    from .backbone import build_backbone, warn_random_init
     if config.weights.lower() == "none":
-        log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
-                    "network, not a pretrained one", config.backbone, extra={"random_init": True})
+        warn_random_init(log, config.backbone, "using", "--weights none",
+                         "features describe a random network, not a pretrained one")
     return build_backbone(config.backbone, config.weights, config.layer, config.image_size,
                           config.pool)
 

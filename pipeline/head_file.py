@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cache import CacheReader
 from cache import manifest as mf
-from cache.errors import UserError
+from cache.errors import UserError, first_line
+from cache.records import RECORD_KEY, Weights
 from cache.manifest import (COUNT, NAME, NUMBER, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields,
                             one_of, optional)
 
@@ -143,6 +145,8 @@ def check_head_meta(meta: dict, f: Fields) -> dict:
             f.need(cache, key, NAME, "cache.")
         for key in ("layer_alias", "pool", "path", "fingerprint"):
             f.may(cache, key, optional(STRING), "cache.")
+        if cache.get(RECORD_KEY) is not None:
+            Weights.from_json(cache[RECORD_KEY], f"{f.path}: cache.{RECORD_KEY}", RETRAIN)
         f.need(cache, "feature_dim", Check(lambda v: v == in_dim,
                                            f"in_dim ({in_dim}), the width the head takes"),
                "cache.")
@@ -191,10 +195,22 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     return module.eval(), meta
 
 
+def open_head_cache(meta: dict, path: str | Path, allow_incomplete: bool = False,
+                    classes: bool = False) -> tuple[CacheReader, list[str]]:
+    """The cache at `path` opened at the head's cut, and what in it differs from the features
+    the head was trained on (`meta["cache"]`): the fields that decide a plain-view row (a
+    float16 or augmented cache of the same rows is fine), with `classes` the class names too.
+    An empty list: it holds the head's features. The caller closes the reader."""
+    reader = CacheReader(path, layer=meta["cache"]["layer"], allow_incomplete=allow_incomplete)
+    keys = (*mf.ROW_KEYS, "class_names") if classes else mf.ROW_KEYS
+    return reader, mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
+                                  reader.manifest, keys)
+
+
 def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    line = first_line(e)
+    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"
 
 
 __all__ = ["HEAD_FORMAT", "RETRAIN", "WRITE_FIX", "build_head", "check_head_meta", "load_head",
-           "read_head_meta", "save_head"]
+           "open_head_cache", "read_head_meta", "save_head"]

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cache.errors import first_line
+
 _BLOCK = 1 << 20  # 1 MiB: hashing reads
 # O_NONBLOCK: opening a FIFO that nobody writes to would otherwise block forever.
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -198,7 +200,7 @@ def _bomb_reason(err: Exception) -> str:
 def _decode_reason(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
         return "not an image (cannot identify image file)"
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    message = first_line(err)
     if "truncat" in message.lower():
         return "truncated image"
     return f"corrupt image: {message}"

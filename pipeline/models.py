@@ -16,7 +16,7 @@ import torchvision
 from torchvision.transforms import functional as TF
 
 from cache import manifest as mf
-from cache.errors import UserError
+from cache.errors import UserError, first_line
 from cache.manifest import NAME, OBJECT, POSITIVE, STRING, STRINGS, Check, Fields, one_of, optional
 
 from .preprocessing import Preprocessing
@@ -163,7 +163,7 @@ def _load_onnx(path: Path) -> LoadedModel:
     except Exception as e:   # onnxruntime raises its own exception types
         raise UserError(f"{path} is not a model written by `pipeline export` (neither .pt2, "
                          f"ONNX nor a torchvision state_dict with its sidecar): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{first_line(e)}") from None
     text = session.get_modelmeta().custom_metadata_map.get("pipeline")
     if text is None:
         raise UserError(f"{path} is an ONNX model without pipeline metadata: it was not written "
@@ -182,7 +182,7 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 def _not_its_state_dict(path: Path, e: Exception) -> UserError:
     return UserError(f"{path} is not the state_dict its sidecar describes "
-                     f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
+                     f"({first_line(e)}): "
                      "export the model again")
 
 
@@ -195,7 +195,7 @@ def _load_torchvision(path: Path, meta: dict, device: torch.device) -> LoadedMod
     except (ValueError, TypeError) as e:   # an unknown model name, arguments it does not take
         raise UserError(f"{path.with_suffix('.json')}: damaged model metadata: torchvision "
                         f"cannot build {tv['model']!r} with {tv.get('kwargs') or {}} "
-                        f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
+                        f"({first_line(e)}): "
                         f"{REEXPORT}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

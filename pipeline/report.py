@@ -34,14 +34,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from cache import CacheReader
-from cache import manifest as mf
 from cache.errors import UserError
+from cache.records import Cut, Weights
 
 from ._files import check_folder, make_folder, write_file, write_text
+from ._readback import CHANGED, MISSING, images_root, read_row_image
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig, validate
-from .head_file import load_head, read_head_meta
-from .images import BadImageError, read_image
+from .head_file import load_head, open_head_cache, read_head_meta
+from .leaderboard import table
 from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
@@ -345,16 +346,12 @@ def _validation_rows(meta: dict, config: ReportConfig, notes: list
     split = kind == VAL_HASH_SPLIT
     path = Path(config.cache or (meta["cache"].get("path") or "" if split else source["path"]))
     try:
-        reader = CacheReader(path, layer=meta["cache"]["layer"],
-                             allow_incomplete=bool((meta.get("config") or {}).get(
-                                 "allow_incomplete")))
+        reader, diff = open_head_cache(meta, path, bool((meta.get("config") or {}).get(
+            "allow_incomplete")), classes=True)
     except UserError as e:
         notes.append(f"{_GRID}the validation cache cannot be read ({e}); pass --cache "
                      f"with the {'train' if split else 'validation'} cache the sweep used")
         return None, np.empty(0, np.int64)
-    keys = mf.ROW_KEYS
-    diff = mf.differences({**meta["cache"], "class_names": meta.get("class_names")},
-                          reader.manifest, (*keys, "class_names"))
     if diff:
         reader.close()
         notes.append(f"{_GRID}{path} holds other features than the head was trained on "
@@ -397,19 +394,15 @@ def _check_recorded(run: dict, labels: np.ndarray, pred: np.ndarray, notes: list
 
 def _load_images(reader: CacheReader, rows, order, labels, pred, confidence, names,
                  config: ReportConfig, notes: list) -> list[dict]:
-    root = Path(config.images_root or reader.manifest.get("source_root") or ".")
+    root = images_root(reader, config.images_root)
     out, missing, changed = [], 0, 0
     for i in order[: max(200, 10 * config.misclassified)]:       # bound the tries
         if len(out) == config.misclassified:
             break
         row = int(rows[i])
-        try:
-            image, digest = read_image(root / reader.paths[row])
-        except BadImageError:
-            missing += 1
-            continue
-        if digest != reader.digests[row]:
-            changed += 1
+        image, why = read_row_image(reader, root, row)
+        missing, changed = missing + (why == MISSING), changed + (why == CHANGED)
+        if image is None:
             continue
         image.thumbnail((_THUMB, _THUMB))
         out.append({"image": image, "path": reader.paths[row], "true": names[labels[i]],
@@ -435,12 +428,11 @@ def _markdown(runs_dir: Path, rows: list[dict], best_run: dict | None, figures: 
                        if best.get(k) is not None) + "."]
     cache = (best_run or {}).get("meta", {}).get("cache")
     if cache:
-        weights = cache.get("weights")
-        cut = cache.get("layer_alias") or cache.get("layer")
-        lines += ["", f"Features: {cache.get('backbone')} {cut} "
-                  f"({cache.get('feature_dim')} wide), weights {weights}"
-                  + (" (RANDOM-INIT: the numbers describe random features)" if weights == "none"
-                     else "") + f", cache `{cache.get('path')}`."]
+        weights, cut = Weights.from_manifest(cache), Cut.from_json(cache)
+        lines += ["", f"Features: {cache['backbone']} {cut.display_name} "
+                  f"({cut.dim} wide), weights {cache['weights']}"
+                  + (" (RANDOM-INIT: the numbers describe random features)"
+                     if weights.is_random_init() else "") + f", cache `{cache.get('path')}`."]
     lines += ["", "## Leaderboard", "", *_table(rows[: config.leaderboard_rows])]
     if len(rows) > config.leaderboard_rows:
         lines += ["", f"{len(rows) - config.leaderboard_rows} more runs in "
@@ -453,17 +445,8 @@ def _markdown(runs_dir: Path, rows: list[dict], best_run: dict | None, figures: 
 
 
 def _table(rows: list[dict]) -> list[str]:
-    columns = [("rank", "#"), ("run_id", "run"), ("head", "head"), ("val_acc", "val acc"),
-               ("val_loss", "val loss"), ("train_loss", "train loss"), ("test_acc", "test acc"),
-               ("epochs_run", "epochs")]
-    columns = [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
-    out = ["| " + " | ".join(t for _, t in columns) + " |",
-           "|" + "|".join("---" if k in ("run_id", "head") else "---:" for k, _ in columns) + "|"]
-    for r in rows:
-        cells = ["" if r.get(k) is None else f"`{r[k]}`" if k == "run_id" else
-                 f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k, _ in columns]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+    return table(rows, ("rank", "run_id", "head", "val_acc", "val_loss", "train_loss",
+                        "test_acc", "epochs_run"), markdown=True)
 
 
 __all__ = ["FIGURES", "ReportSummary", "report"]

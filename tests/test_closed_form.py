@@ -21,7 +21,7 @@ from cli.main import main
 from pipeline.closed_form import lda, ridge, statistics
 from pipeline.config import ExportConfig, PredictConfig, TrainConfig
 from pipeline.export import export
-from pipeline.heads import load_head
+from pipeline.head_file import load_head
 from pipeline.predict import predict
 from pipeline.train_head import train_head
 
