@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import FORMATS, INPUTS, ExportConfig, PredictConfig
+from pipeline.config import DECODERS, FORMATS, INPUTS, ExportConfig, PredictConfig
 
 from .main_helpers import defaults, fail_on_user_error, output_file
 
@@ -91,6 +91,11 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
 @click.option("--device", default=_P["device"], show_default=True,
               help="auto (CUDA when there is one), cpu, cuda or cuda:N. pt2 and torchvision "
                    "models run there; ONNX models use onnxruntime's CPU provider.")
+@click.option("--decode", type=click.Choice(DECODERS), default=_P["decode"], show_default=True,
+              help="JPEG decoding: cpu (libjpeg-turbo in the workers), gpu (nvJPEG on the "
+                   "device), pil (Pillow); auto: gpu on a GPU, else cpu.")
+@click.option("--draft/--no-draft", default=_P["draft"], show_default=True,
+              help="Decode JPEGs at least twice the resize target at a reduced DCT scale.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @fail_on_user_error
 def predict_command(model: Path, images: tuple[Path, ...], out_format: str, output: Path | None,

@@ -47,7 +47,8 @@ from .backbone import build_backbone, split_layers
 from .preprocessing import Preprocessing
 from ._distributed import Job
 from . import _engine as engine
-from ._loading import digest_or_blank, resolve_device
+from ._decode import Decoder, resolve_decoder
+from ._loading import default_batch_size, digest_or_blank, resolve_device
 from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
 from .sources import ImageList, find_images
 
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 # The settings that decide the features, as recorded in a cache's manifest["config"]: equal
 # ones (and the same torch and torchvision) let a re-run trust the cache without a model.
 _SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype", "views", "augment",
-             "augment_seed")
+             "augment_seed", "decode", "draft")
 _DEFAULTS = asdict(ExtractConfig())
 
 
@@ -133,6 +134,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         _check_shared(output, job)
     sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
     try:
+        decoder = _decoder(config, device, sources)
         listing, stats, hashed = _listing(images, known_stats([r for r in sources if r]),
                                           config.rehash, job)
         # The same settings as the cache's: decide whether anything is to be done before
@@ -151,11 +153,12 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
             refresh_stats(output, *stale)
         return _unchanged(output, planned, t0, device, settled, hashed, job)
     model, info = job.step("building the backbone", lambda: build_model(config))
-    manifest = _manifest(info, config, precision, images)
+    manifest = _manifest(info, config, precision, images, decoder)
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
     try:
         planned = plan(*listing, [r for r in sources if r is not None], unusable=images.unusable)
+        manifest["decoders"] = _decoders(decoder, sources, bool(planned.todo), config, output)
         up_to_date = _up_to_date(planned, sources)
         removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
         resume = sources[1] is not None if not job.distributed else None
@@ -165,7 +168,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     if up_to_date:
         return _unchanged(output, planned, t0, device, manifest, hashed, job)
     computed, compute_s, before = _compute(model, images, planned, stats, manifest, output,
-                                           resume, config, device, precision, job)
+                                           resume, config, device, precision, job, decoder)
     final = job.step("assembling the cache", lambda: finalize(
         output, manifest, *listing, updates={"world_size": job.world_size},
         unusable=images.unusable) if job.lead else None)
@@ -281,13 +284,13 @@ def _settled(old: CacheReader | None, config: ExtractConfig, precision: str) -> 
 
 
 def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, output: Path,
-             resume: bool | None, config: ExtractConfig, device, precision: str, job: Job
-             ) -> tuple[int, float, dict]:
+             resume: bool | None, config: ExtractConfig, device, precision: str, job: Job,
+             decoder: Decoder) -> tuple[int, float, dict]:
     """Compute this rank's deal of the planned batches; return the job's rows computed, its
     compute seconds (the slowest rank's), and the rows each file written (partial or shards,
     by absolute path) held before."""
-    batches = [planned.todo[k:k + config.batch_size]
-               for k in range(0, len(planned.todo), config.batch_size)]
+    size = default_batch_size(config.batch_size, device.type == "cuda")
+    batches = [planned.todo[k:k + size] for k in range(0, len(planned.todo), size)]
     if job.distributed:
         path = shard_path(output, job.rank)
         resume = path.exists()
@@ -300,7 +303,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         # a killed run would keep the file locked for the next.
         pre = Preprocessing.from_dict(manifest["preprocessing"])
         with engine.decoding(images, job.share(batches), pre, _augment(config, pre),
-                             config.views, config.workers, device) as loaded:
+                             config.views, config.workers, device, decoder) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
             with writer:
                 rows_before = writer.committed_rows
@@ -308,7 +311,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
                 engine.run(model, images, loaded, stats, writer, dtype=config.dtype,
                            device=device, precision=precision,
                            done=job.counter("extract/images"), total=len(planned.todo),
-                           shown=config.progress if job.lead else False)
+                           shown=config.progress if job.lead else False, pre=pre)
                 return (Path(os.path.abspath(path)), rows_before,
                         writer.committed_rows - rows_before, time.perf_counter() - t)
     done = job.gather(job.step("computing", run))
@@ -360,7 +363,7 @@ def _augment(config: ExtractConfig, pre: Preprocessing) -> Augment | None:
 def _check_config(config: ExtractConfig) -> None:
     if config.dtype not in DTYPES:
         raise UserError(f"unknown storage dtype {config.dtype!r}: use {' or '.join(DTYPES)}")
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {config.batch_size}")
     if config.views < 1:
         raise UserError(f"--views {config.views}: use 1 (the plain view) or more")
@@ -396,9 +399,11 @@ def build_model(config: ExtractConfig):
                           config.pool)
 
 
-def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList) -> dict:
+def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList,
+              decoder: Decoder) -> dict:
     return {
         **info,
+        "decoders": [decoder.record()],    # every decoder whose rows the cache holds
         "format_version": mf.MULTI_CUT_VERSION if info.get("cuts") else mf.FORMAT_VERSION,
         "views": None if config.views == 1 else {
             "count": config.views, "spec": config.augment or DEFAULT_SPEC,
@@ -413,6 +418,39 @@ def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageLi
                      "torchvision": torchvision.__version__, "h5py": h5py.__version__,
                      "numpy": np.__version__},
     }
+
+
+def _decoder(config: ExtractConfig, device, sources: list) -> Decoder:
+    """The decoder of this run: --decode, where auto prefers the one that made the existing
+    rows. Augmented views decode with Pillow (their transforms take PIL images)."""
+    if config.views > 1:
+        if config.decode not in ("auto", "pil"):
+            raise UserError(f"--decode {config.decode} with --views {config.views}: augmented "
+                            "views decode with Pillow; drop --decode or pass --decode pil")
+        return Decoder("pil", config.draft)
+    recorded = [d["name"] for r in sources if r for d in mf.decoders(r.file_manifest)]
+    return resolve_decoder(config.decode, device, config.draft, recorded)
+
+
+def _decoders(decoder: Decoder, sources: list, computing: bool, config: ExtractConfig,
+              output: Path) -> list[dict]:
+    """The decoders of the rows the cache will hold: those of the existing rows, and this
+    run's when it computes any. Rows of another decoder are added only with --mix-decoders."""
+    mine = decoder.record()
+    kept = [d for r in sources if r for d in mf.decoders(r.file_manifest)]
+    other = [d for d in kept if mf.decoder_key(d) != mf.decoder_key(mine)]
+    if computing and other and not config.mix_decoders:
+        names = ", ".join(mf.decoder_text(d) for d in other)
+        raise UserError(
+            f"{output} holds rows decoded by {names}; this run decodes with "
+            f"{mf.decoder_text(mine)}, whose pixels differ: pass --decode {other[0]['name']} to "
+            f"match (gpu needs a CUDA device), --mix-decoders to add these rows anyway (the "
+            f"manifest then lists both decoders), or --overwrite to start again")
+    out = []
+    for d in kept + ([mine] if computing or not kept else []):
+        if mf.decoder_key(d) not in map(mf.decoder_key, out):
+            out.append(d)
+    return out
 
 
 def _finish_strict(summary: ExtractSummary, config: ExtractConfig) -> ExtractSummary:
