@@ -14,8 +14,8 @@
 
 Every decoder opens the header with Pillow first, under the guard of `pipeline.images` (sides,
 aspect ratio, decompression bombs). Anything but a plain 8-bit RGB or grey JPEG (CMYK, 16-bit,
-palette, PNG, ...), and any JPEG the fast decoder fails on, goes through Pillow, image by image:
-the hardened path records a bad image exactly as before. With `draft`, a JPEG at least twice
+palette, PNG, ...), and any JPEG the fast decoder fails on, goes through Pillow and the
+weights' transforms, image by image: the hardened path, which records a bad image as before. With `draft`, a JPEG at least twice
 the resize target decodes at a reduced DCT scale (Pillow's `draft`, libjpeg's scaling) whose
 sides stay at least the resized image's.
 """
@@ -34,7 +34,6 @@ import torchvision
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
 
 from cache.errors import UserError
@@ -80,7 +79,7 @@ class Decoder:
             if x is not None:
                 return resize_crop(x, pre)
             fp.seek(0)
-        return resize_crop(TF.pil_to_tensor(decode_file(fp, draft)), pre)
+        return pre(decode_file(fp, draft))    # today's path, Pillow's resize included
 
 
 def draft_size(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int] | None:
