@@ -67,19 +67,28 @@ class Decoder:
             with Image.open(fp) as img:        # the header only
                 check_header(img)
                 fmt, mode, size = img.format, img.mode, img.size
+                upright = self.name == "gpu" and fmt == "JPEG" and _upright(img)
         draft = draft_size(size, pre) if self.draft and fmt == "JPEG" else None
         fp.seek(0)
         if self.name == "pil":
             return pre(decode_file(fp, draft))
         if fmt == "JPEG" and mode in _FAST_MODES and draft is None:
             data = torch.frombuffer(bytearray(fp.read()), dtype=torch.uint8)       # (L,)
-            if self.name == "gpu":
+            if upright:              # nvJPEG ignores EXIF orientation: turned ones stay here
                 return data
             x = _jpeg_cpu(data)
             if x is not None:
                 return resize_crop(x, pre)
             fp.seek(0)
         return pre(decode_file(fp, draft))    # today's path, Pillow's resize included
+
+
+def _upright(img: Image.Image) -> bool:
+    """The opened JPEG has no EXIF orientation to apply (absent, or 1)."""
+    try:
+        return img.getexif().get(0x0112, 1) == 1
+    except Exception:   # a broken EXIF block: let the CPU path (Pillow's rules) decide
+        return False
 
 
 def draft_size(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int] | None:
@@ -155,13 +164,13 @@ def _decode_many(data: list[torch.Tensor], device: torch.device, decode
                           apply_exif_orientation=True)
     try:
         return list(run(data))
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     out = []
     for d in data:
         try:
             out.append(run([d])[0])
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             out.append(None)
     return out
 

@@ -198,6 +198,16 @@ def test_gpu_batch_with_a_stand_in_decoder():
         assert torch.equal(got, load(Decoder("cpu"), data))
 
 
+def test_gpu_decoder_leaves_turned_jpegs_to_the_cpu():
+    """nvJPEG ignores EXIF orientation: a JPEG with one is decoded (upright) in the worker."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = jpeg(smooth(60, 90), exif=exif)
+    got = load(Decoder("gpu"), data)
+    assert got.shape == (3, 32, 32) and torch.equal(got, load(Decoder("cpu"), data))
+    assert load(Decoder("gpu"), jpeg(smooth(60, 90))).dim() == 1      # bytes for the device
+
+
 def test_collate_keeps_jpeg_bytes_for_the_device():
     a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.arange(10, dtype=torch.uint8)
     batch = collate([(0, a, "d0", None, "a.png"), (1, None, "d1", "bad", "b.jpg"),
