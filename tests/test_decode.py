@@ -292,3 +292,18 @@ def test_non_finite_batch_redone_in_float32(monkeypatch):
     out = engine._forward(Overflow(), x, CPU, torch.autocast("cpu", dtype=torch.bfloat16,
                                                             enabled=True), torch.float32, redone)
     assert redone == [2]
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_on_the_cpu():
+    """`bench/gpu.sh --dry-run` runs the GPU benchmark's whole script on a CPU machine."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for heading in ("extract / bare", "12 MP JPEGs", "rel. diff median", "images/s"):
+        assert heading in done.stdout
+    assert "resnet18" in done.stdout and "predict --device cpu" in done.stdout
