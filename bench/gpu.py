@@ -196,7 +196,7 @@ def predict_rate(tmp: Path, src: Path, args, device: torch.device) -> float:
         write(small / f"c{c}", photos(8, (500, 375), seed=20 + c))
     cli("extract", str(small), "-o", str(cache), "--backbone", backbone, "--weights", "none",
         "--image-size", str(args.size), "-q", "--overwrite")
-    cli("train-head", str(cache), "-o", str(runs), "--epochs", "1", "-q")
+    cli("train-head", str(cache), "-o", str(runs), "--epochs", "1")
     run = next(p for p in sorted(runs.iterdir()) if p.is_dir() and (p / "head.json").exists())
     cli("export", str(run), "-o", str(model), "--format", "torchvision", "--no-parity-check")
     t0 = time.perf_counter()
