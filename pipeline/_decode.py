@@ -138,11 +138,18 @@ def gpu_batch(items: list[torch.Tensor], pre: Preprocessing, device: torch.devic
     out: list[torch.Tensor | None] = [
         None if t.dim() == 1 else t.to(device, non_blocking=True) for t in items]
     bad: dict[int, str] = {}
-    decoded = _decode_many([items[k] for k in encoded], device, decode or decode_jpeg)
-    for k, x in zip(encoded, decoded):
+    decoded = dict(zip(encoded, _decode_many([items[k] for k in encoded], device,
+                                             decode or decode_jpeg)))
+    # One resize per image size, not one per image: a Python loop of small kernels would
+    # leave the GPU waiting on launches.
+    sizes: dict[tuple, list[int]] = {}
+    for k, x in decoded.items():
         if x is not None:
-            out[k] = resize_crop(x, pre)
-            continue
+            sizes.setdefault(tuple(x.shape), []).append(k)
+    for ks in sizes.values():
+        for k, y in zip(ks, resize_crop(torch.stack([decoded[k] for k in ks]), pre)):
+            out[k] = y                                            # (3, S, S)
+    for k in (k for k, x in decoded.items() if x is None):
         try:
             out[k] = Decoder("cpu").load(io.BytesIO(items[k].numpy().tobytes()), pre).to(device)
         except BadImageError as e:

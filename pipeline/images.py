@@ -144,7 +144,7 @@ def read_image(path: Path, decode: Callable[[BinaryIO], Any] | None = None
             try:
                 if size == 0:
                     raise BadImageError("empty file")
-                img = (decode or decode_file)(f)
+                img = (decode or _decode)(f)
             except BadImageError as e:
                 if _fingerprint(f) != before:
                     continue
@@ -163,10 +163,10 @@ def decode_image(data: bytes) -> Image.Image:
     """
     if not data:
         raise BadImageError("empty file")
-    return decode_file(io.BytesIO(data))
+    return _decode(io.BytesIO(data))
 
 
-def decode_file(fp, draft: tuple[int, int] | None = None) -> Image.Image:
+def _decode(fp, draft: tuple[int, int] | None = None) -> Image.Image:
     """`decode_image` from a binary file object positioned at the image's first byte. With
     `draft` (width, height), a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that
     keeps both sides at least that large (libjpeg's scaled decoding, Pillow's `draft`)."""
@@ -177,6 +177,9 @@ def decode_file(fp, draft: tuple[int, int] | None = None) -> Image.Image:
                 img.draft(img.mode, draft)
             img.load()  # decode now, inside the guard, so truncation raises here
             return _to_rgb(_exif_upright(img))
+
+
+decode_file = _decode   # the decoders of pipeline._decode fall back to it
 
 
 @contextlib.contextmanager
