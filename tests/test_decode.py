@@ -15,6 +15,7 @@ from sklearn.datasets import load_sample_images
 from torchvision.io import decode_jpeg
 
 from cache import CacheReader
+from cache.inspect import describe
 from cache.errors import UserError
 from pipeline import ExtractConfig, extract
 from pipeline import _engine as engine
@@ -250,6 +251,8 @@ def test_manifest_records_decoders_and_refuses_to_mix(tmp_path):
     assert s.computed == 2 and s.reused == 3
     with CacheReader(out) as r:
         assert [d["name"] for d in r.manifest["decoders"]] == ["cpu", "pil"]
+    shown = describe(out)["decoders"]                       # what `pipeline inspect` prints
+    assert shown[0].startswith("cpu (torchvision") and shown[1].startswith("pil (Pillow")
 
 
 def test_auto_keeps_the_decoder_of_an_old_cache(tmp_path):
