@@ -58,6 +58,11 @@ def bare_forward(backbone: str, size: int, batch: int, device: torch.device, ste
     return steps * batch / (time.perf_counter() - t0)
 
 
+def num(x: float) -> str:
+    """A rate for the table: thousands separated, 3 significant digits below 100."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,7 +166,7 @@ def main() -> None:
             e = extract_cli(src, tmp / "c.h5", backbone, args.size, d)
             mem = peak_memory(src, tmp / "m.h5", backbone, args.size, d, device) \
                 if backbone == backbones[0] else float("nan")
-            rows.append([backbone, d, f"{bare:,.0f}", f"{e['rate']:,.0f}",
+            rows.append([backbone, d, num(bare), num(e["rate"]),
                          f"{e['rate'] / bare:.2f}", f"{e['wall']:.1f}", f"{e['startup']:.1f}",
                          f"{mem:.1f}"])
     print(table(["backbone", "--decode", "bare forward img/s", "extract img/s", "extract / bare",
@@ -172,7 +177,7 @@ def main() -> None:
         name, extra = (d, ()) if " " not in d else ("cpu", ("--draft",))
         e = extract_cli(big, tmp / "big.h5", "resnet50" if not args.dry_run else "resnet18",
                         args.size, name, extra)
-        big_rows.append([d, f"{e['rate']:,.0f}"])
+        big_rows.append([d, num(e["rate"])])
     print("\n12 MP JPEGs (4000x3000), resnet50:")
     print(table(["--decode", "images/s"], big_rows))
 
@@ -183,7 +188,7 @@ def main() -> None:
     print("\nFeatures on real photos (16 crops of the sample photos) against pil + float32:")
     print(table(["backbone", "--decode", "precision", "rel. diff median", "max"], diff))
 
-    print(f"\npredict --device {device.type}: {predict_rate(tmp, src, args, device):,.0f} images/s")
+    print(f"\npredict --device {device.type}: {num(predict_rate(tmp, src, args, device))} images/s")
 
 
 def predict_rate(tmp: Path, src: Path, args, device: torch.device) -> float:
