@@ -172,13 +172,12 @@ def main() -> None:
     print(table(["backbone", "--decode", "bare forward img/s", "extract img/s", "extract / bare",
                  "whole command s", "start-up s", "peak GPU GiB"], rows))
 
-    big_rows = []
+    big_rows, big_model = [], "resnet50" if not args.dry_run else "resnet18"
     for d in decoders + ["cpu --draft"]:
         name, extra = (d, ()) if " " not in d else ("cpu", ("--draft",))
-        e = extract_cli(big, tmp / "big.h5", "resnet50" if not args.dry_run else "resnet18",
-                        args.size, name, extra)
+        e = extract_cli(big, tmp / "big.h5", big_model, args.size, name, extra)
         big_rows.append([d, num(e["rate"])])
-    print("\n12 MP JPEGs (4000x3000), resnet50:")
+    print(f"\n{args.large} JPEGs of 12 MP (4000x3000), {big_model}:")
     print(table(["--decode", "images/s"], big_rows))
 
     precisions = ["float32", "float16", "bfloat16"] if device.type == "cuda" else ["float32"]
