@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# GPU extraction benchmark: fp32 / bf16 / fp16 autocast at 224 px, GPU memory, bf16/fp16 feature
-# error against fp32. Under 5 minutes on one GPU. Extra arguments go to bench/gpu.py.
+# Extraction at the GPU's speed (bench/gpu.py): extract / bare forward per backbone and --decode,
+# start-up, peak GPU memory, feature differences, 12 MP photo rate, predict rate. About 8
+# minutes on one GPU. `bash bench/gpu.sh --dry-run` runs the same script on the CPU at tiny sizes.
+# Extra arguments go to bench/gpu.py.
+#
+# Runs with the machine's own python3 (a GPU machine without network has torch, torchvision,
+# h5py, click, scikit-learn, timm; no .venv, no package index): the project is installed into
+# it in place, without dependencies and without build isolation, so nothing is downloaded.
+# PYTHON=... picks another interpreter; without one, python3 if it has torch, else .venv's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Install only when the environment is missing: .ci/setup asks the package index every time,
-# which an offline GPU machine cannot reach.
-if ! .venv/bin/python -c "import torch, torchvision, h5py, sklearn, click, pipeline" 2>/dev/null; then
-  bash .ci/setup
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if python3 -c "import torch" 2>/dev/null; then PY=python3; else PY=.venv/bin/python; fi
 fi
-.venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'"
-.venv/bin/python bench/gpu.py "$@"
+if ! "$PY" -c "import importlib.metadata as m; m.version('frozen-feature-pipeline')" 2>/dev/null; then
+  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+fi
+if [[ " $* " != *" --dry-run "* ]]; then
+  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch (--dry-run runs on the CPU)'"
+fi
+exec "$PY" bench/gpu.py "$@"

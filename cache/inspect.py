@@ -26,6 +26,7 @@ def describe(path: str | Path) -> dict:
             "cuts": [{k: c[k] for k in ("name", "layer", "pool", "feature_dim")}
                      for c in mf.cuts(r.file_manifest)],
             "dtype": r.file_manifest.get("dtype"),
+            "decoders": [mf.decoder_text(d) for d in mf.decoders(r.file_manifest)],
             "size_bytes": Path(path).stat().st_size,
             "unlabeled": int((r.labels < 0).sum()),
             "class_counts": {n: int(c) for n, c in zip(names, counts)},

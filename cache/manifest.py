@@ -53,6 +53,29 @@ FEATURE_KEYS = (
 ROW_KEYS = tuple(k for k in FEATURE_KEYS if k not in ("dtype", "views"))
 
 
+# A cache made before the decoder was recorded was decoded by Pillow.
+_PIL = {"name": "pil", "library": "Pillow", "draft": False}
+
+
+def decoders(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The decoders whose rows a cache holds, each {name, library, draft}: one, unless rows
+    were added with --mix-decoders. Not a FEATURE_KEY: extract checks it row-wise (refusing
+    to mix decoders unasked), and caches of different decoders may still be compared."""
+    found = manifest.get("decoders")
+    return [d for d in found if isinstance(d, dict)] if isinstance(found, list) else [_PIL]
+
+
+def decoder_key(decoder: dict[str, Any]) -> tuple:
+    """What makes two decoders' pixels differ: the decoder and whether it drafts."""
+    return decoder.get("name"), bool(decoder.get("draft"))
+
+
+def decoder_text(decoder: dict[str, Any]) -> str:
+    """E.g. "gpu (torchvision 0.29.1 (nvJPEG))", "cpu (..., draft)"."""
+    draft = ", draft" if decoder.get("draft") else ""
+    return f"{decoder.get('name')} ({decoder.get('library')}{draft})"
+
+
 def cuts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The cuts a cache holds, each {name, layer, layer_alias, pool, feature_dim}; a one-cut
     manifest's cut is named by its alias (fc7, penultimate) or else its layer."""

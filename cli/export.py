@@ -95,6 +95,12 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
 @click.option("--device", default=_P["device"], show_default=True,
               help="auto (CUDA when there is one), cpu, cuda or cuda:N. pt2 and torchvision "
                    "models run there; ONNX models use onnxruntime's CPU provider.")
+@click.option("--decode", type=click_type(PredictConfig, "decode"), default=_P["decode"],
+              show_default=True,
+              help="JPEG decoding: cpu (libjpeg-turbo in the workers), gpu (nvJPEG on the "
+                   "device), pil (Pillow); auto: gpu on a GPU, else cpu.")
+@click.option("--draft/--no-draft", default=_P["draft"], show_default=True,
+              help="Decode JPEGs at least twice the resize target at a reduced DCT scale.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @fail_on_user_error
 def predict_command(model: Path, images: tuple[Path, ...], out_format: str, output: Path | None,

@@ -49,17 +49,30 @@ _D = defaults(ExtractConfig)
               help="Input crop size; default: the weights' own (224).")
 @click.option("--batch-size", type=click_type(ExtractConfig, "batch_size"),
               default=_D["batch_size"],
-              show_default=True,
-              help="Images per forward pass and per committed batch.")
+              help="Images per forward pass and per committed batch; default: 32 on a CPU, "
+                   "256 on a GPU.")
 @click.option("--workers", type=click_type(ExtractConfig, "workers"),
               default=_D["workers"], show_default=True,
               help="Decoding processes; -1: automatic.")
 @click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--decode", type=click_type(ExtractConfig, "decode"), default=_D["decode"],
+              show_default=True,
+              help="JPEG decoding: cpu (libjpeg-turbo to tensors in the workers), gpu (nvJPEG "
+                   "on the device), pil (Pillow, as caches made before this option); auto: the "
+                   "existing cache's decoder where it runs here, else gpu on a GPU, cpu elsewhere. "
+                   "Other formats and odd JPEGs always go through Pillow.")
+@click.option("--draft/--no-draft", default=_D["draft"], show_default=True,
+              help="Decode JPEGs at least twice the resize target at a reduced DCT scale "
+                   "(faster on large photos; slightly different features).")
+@click.option("--mix-decoders", is_flag=True,
+              help="Add rows decoded otherwise than the cache's existing rows (e.g. on a laptop "
+                   "after a GPU run); the manifest lists every decoder.")
 @click.option("--dtype", type=click_type(ExtractConfig, "dtype"), default=_D["dtype"],
               show_default=True, help="Storage dtype of the features.")
 @click.option("--precision", type=click_type(ExtractConfig, "precision"),
               default=_D["precision"], show_default=True,
-              help="Forward-pass precision (autocast); auto: bfloat16 on a GPU, float32 on a CPU.")
+              help="Forward-pass precision (autocast); auto: float16 on a GPU (a batch with a "
+                   "non-finite output is redone in float32), float32 on a CPU.")
 @click.option("--overwrite", is_flag=True, help="Start again if the existing cache was made "
               "with other settings (it replaces a feature cache, never any other file).")
 @click.option("--rehash", is_flag=True,
@@ -137,6 +150,7 @@ def inspect_command(cache: Path, as_json: bool) -> None:
     click.echo(f"  preprocessing: resize {pre['resize_size']}, crop {pre['crop_size']}, "
                f"{pre['interpolation']}, mean {pre['mean']}, std {pre['std']}")
     click.echo(f"  precision {m['precision']}  source {m.get('source_root')} ({m.get('source_kind')})")
+    click.echo("  decoded by " + ", ".join(info["decoders"]))
     if info["views"] > 1:
         v = m["views"]
         click.echo(f"  {info['views']} views of each image: the plain one and {info['views'] - 1} "

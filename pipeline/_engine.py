@@ -1,13 +1,13 @@
 """The extraction engine: decode image batches in worker processes, run the frozen model on
 them, and commit the features to a cache writer from a background thread.
 
-    with decoding(images, batches, pre, augment, views, workers, device) as loaded:
+    with decoding(images, batches, pre, augment, views, workers, device, decoder) as loaded:
         with CacheWriter.create(path, manifest) as writer:
             run(model, images, loaded, stats, writer, dtype="float16", device=device,
-                precision="float32", done=counter, total=n, shown=True)
+                precision="float32", done=counter, total=n, shown=True, pre=pre)
 
 The stage around it (`pipeline.extract`) plans which images to compute, cuts them into batches
-and opens the writer; `resolve_precision` says what `precision` a device runs.
+and opens the writer.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from cache import manifest as mf
 from cache.writer import CacheWriter
 
-from ._loading import ImageBatches, collate, default_workers
+from ._decode import Decoder
+from ._loading import ImageBatches, collate, default_workers, on_device
 from ._progress import progress
 from .augment import Augment
 from .preprocessing import Preprocessing, to_float_batch
@@ -38,19 +39,24 @@ _AUTOCAST = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": to
 
 @contextlib.contextmanager
 def decoding(images: ImageList, batches: list[list[int]], pre: Preprocessing,
-             augment: Augment | None, views: int, workers: int | None, device: torch.device):
+             augment: Augment | None, views: int, workers: int | None, device: torch.device,
+             decoder: Decoder | None = None):
     """The decoded `batches` (lists of indices into `images`) as an iterator of collated
     batches, None when there are none, with its worker processes (`workers`, None for the
     default) started at once and stopped on leaving, also on a failure or Ctrl-C. With
-    `views` > 1, each image gives `views` augmented views."""
+    `views` > 1, each image gives `views` augmented views. `decoder` (None: Pillow) decodes the
+    plain view (see `pipeline._decode`)."""
     if not batches:
         yield None
         return
     cuda = device.type == "cuda"
-    dataset = ImageBatches(images, pre, augment, views)   # (K, 3, S, S) each
+    dataset = ImageBatches(images, pre, augment, views, decoder)   # (K, 3, S, S) each
+    n_workers = default_workers(workers, cuda)
+    # On a GPU, a deeper queue rides out the batches whose images happen to be slow to decode.
+    prefetch = {"prefetch_factor": 4 if cuda else 2} if n_workers else {}
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        num_workers=default_workers(workers, cuda), pin_memory=cuda,
-                        worker_init_fn=_worker_init)
+                        num_workers=n_workers, pin_memory=cuda, worker_init_fn=_worker_init,
+                        **prefetch)
     loaded = iter(loader)
     try:
         yield loaded
@@ -69,7 +75,7 @@ def _worker_init(worker_id: int) -> None:
 
 def run(model, images: ImageList, loaded, stats: list, writer: CacheWriter, *, dtype: str,
         device: torch.device, precision: str, done: Callable[[int], int], total: int,
-        shown: bool) -> None:
+        shown: bool, pre: Preprocessing | None = None) -> int:
     """Compute features for the decoded batches `loaded` (see `decoding`), committing one
     batch at a time to `writer`, stored as `dtype`, with each file's (size, mtime_ns) from
     `stats`. `precision` is the forward pass's ("float32", "bfloat16", "float16": autocast).
@@ -79,10 +85,13 @@ def run(model, images: ImageList, loaded, stats: list, writer: CacheWriter, *, d
     resumed run forms the same batches as an uninterrupted one (bit-identical features on the
     CPU), whichever rank computes them. `done(n)` adds n images done and returns the total so
     far (every rank's, in a torchrun job): the progress line, shown when `shown`, counts it of
-    `total`.
+    `total`. Batches of JPEG bytes (the gpu decoder) are decoded on `device` as `pre` says.
+
+    Under float16 autocast, a batch whose features are not all finite (an activation past
+    float16's 65,504) is computed again in float32. Returns how many batches were.
     """
     if loaded is None:
-        return
+        return 0
     cuda = device.type == "cuda"
     model = model.to(device)
     if cuda:
@@ -91,12 +100,15 @@ def run(model, images: ImageList, loaded, stats: list, writer: CacheWriter, *, d
                 if precision != "float32" else contextlib.nullcontext())
     store_dtype = getattr(torch, dtype)
     committer = _Committer(writer)
+    redone = [0]
     try:
         with progress(total, "extract", shown) as bar, torch.inference_mode(), \
                 _interrupt_between_batches() as check_interrupt:
             for batch in loaded:
-                feats = (_forward(model, batch["images"], device, autocast, store_dtype)
-                         if len(batch["index"]) else None)
+                if isinstance(batch["images"], list):
+                    batch = on_device(batch, pre, device)
+                feats = (_forward(model, batch["images"], device, autocast, store_dtype,
+                                  redone) if len(batch["index"]) else None)
                 committer.put(feats, [images.labels[i] for i in batch["index"]],
                               [images.paths[i] for i in batch["index"]], batch["digests"],
                               batch["errors"], [stats[i] for i in batch["index"]])
@@ -104,6 +116,10 @@ def run(model, images: ImageList, loaded, stats: list, writer: CacheWriter, *, d
                 check_interrupt()
             check_interrupt()    # pressed while the last batch was awaited
         committer.close()
+        if redone[0]:
+            log.warning("%d batches had non-finite %s features and were computed again in "
+                        "float32", redone[0], precision)
+        return redone[0]
     finally:
         # Also when the loop raised: the caller closes the writer next, which must not race a
         # commit in progress, and a thread left waiting on its queue would never end.
@@ -138,11 +154,14 @@ def _interrupt_between_batches():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype):
+def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_dtype,
+             redone: list[int]):
     """Features of a (B, 3, S, S) uint8 batch as a (B, D) `store_dtype` CPU tensor (a dict of
     them per cut for several cuts; for a (B, K, 3, S, S) batch of K views, {view: (B, D)}, one
     forward pass per view, so view 0 is computed as a one-view cache computes it); on CUDA,
-    (pinned host tensors, event) with the copy back still in flight (the committer waits)."""
+    (pinned host tensors, event) with the copy back still in flight (the committer waits).
+    A reduced-precision pass with a non-finite output is done again in float32 (counted in
+    `redone[0]`)."""
     cuda = device.type == "cuda"
     x = images.to(device, non_blocking=True)
 
@@ -150,7 +169,12 @@ def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_
         if cuda:
             x4 = x4.contiguous(memory_format=torch.channels_last)
         with autocast:
-            return model(to_float_batch(x4))             # (B, D), or {cut: (B, D_cut)}
+            y = model(to_float_batch(x4))                 # (B, D), or {cut: (B, D_cut)}
+        if isinstance(autocast, contextlib.nullcontext) or _finite(y):
+            return y
+        redone[0] += 1
+        with torch.autocast(device.type, enabled=False):
+            return model(to_float_batch(x4))
     y = {v: run(x[:, v]) for v in range(x.shape[1])} if x.dim() == 5 else run(x)
     feats = {k: v.to(store_dtype) for k, v in y.items()} if isinstance(y, dict) else y.to(
         store_dtype)
@@ -164,6 +188,12 @@ def _forward(model, images: torch.Tensor, device: torch.device, autocast, store_
     event = torch.cuda.Event()
     event.record()
     return host, event
+
+
+def _finite(y) -> bool:
+    """Every value of the features `y` (a tensor or a dict of them) is finite (one sync)."""
+    parts = y.values() if isinstance(y, dict) else [y]
+    return bool(torch.stack([torch.isfinite(t).all() for t in parts]).all())
 
 
 class _Committer:
@@ -222,11 +252,3 @@ def _arrays(feats, manifest: dict) -> dict[str, np.ndarray]:
     if isinstance(feats, dict):
         return {(keys[k] if isinstance(k, int) else k): t.numpy() for k, t in feats.items()}
     return {keys[0]: feats.numpy()}
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """The forward pass's precision for `name` on `device`: "auto" is bfloat16 autocast on CUDA,
-    float32 elsewhere."""
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return name

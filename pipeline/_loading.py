@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from cache.errors import UserError
 
+from ._decode import Decoder, gpu_batch
 from .preprocessing import Preprocessing
 from .images import BadImageError, file_digest, read_image
 from .sources import ImageList
@@ -17,16 +18,23 @@ from .sources import ImageList
 
 class ImageBatches(Dataset):
     """Decodes one image to a (3, S, S) uint8 tensor, or reports why it could not; with an
-    `augment` and `views` K > 1, to (K, 3, S, S): the plain view and K - 1 augmented ones."""
+    `augment` and `views` K > 1, to (K, 3, S, S): the plain view and K - 1 augmented ones.
+    A `decoder` (`pipeline._decode`) replaces Pillow + `pre` for the plain view; the gpu
+    decoder gives a plain JPEG as its (L,) uint8 bytes, decoded later by `gpu_batch`."""
 
-    def __init__(self, images: ImageList, pre: Preprocessing, augment=None, views: int = 1):
+    def __init__(self, images: ImageList, pre: Preprocessing, augment=None, views: int = 1,
+                 decoder: Decoder | None = None):
         self.images, self.pre, self.augment, self.views = images, pre, augment, views
+        self.decoder = decoder if augment is None else None
 
     def __len__(self) -> int:
         return len(self.images.paths)
 
     def __getitem__(self, i: int):
         try:
+            if self.decoder is not None:
+                x, digest = read_image(self.images.absolute(i), self._decode)
+                return i, x, digest, None, self.images.paths[i]
             img, digest = read_image(self.images.absolute(i))
             if self.augment is None:
                 return i, self.pre(img), digest, None, self.images.paths[i]
@@ -38,16 +46,35 @@ class ImageBatches(Dataset):
             digest = e.digest or digest_or_blank(self.images.absolute(i))
             return i, None, digest, str(e), self.images.paths[i]
 
+    def _decode(self, fp) -> torch.Tensor:
+        return self.decoder.load(fp, self.pre)
+
 
 def collate(items):
     """Batch of ImageBatches items: good images stacked, bad ones listed as (path, digest, reason)."""
     good = [it for it in items if it[3] is None]
+    encoded = any(it[1].dim() == 1 for it in good)     # JPEG bytes for the gpu decoder
     return {
         "index": [it[0] for it in good],
-        "images": torch.stack([it[1] for it in good]) if good else None,   # (B, [K,] 3, S, S)
+        # (B, [K,] 3, S, S); a list of (L,) bytes and (3, S, S) images for `gpu_batch`
+        "images": ([it[1] for it in good] if encoded else torch.stack([it[1] for it in good]))
+        if good else None,
         "digests": [it[2] for it in good],
+        "paths": [it[4] for it in good],
         "errors": [(it[4], it[2], it[3]) for it in items if it[3] is not None],
     }
+
+
+def on_device(batch: dict, pre: Preprocessing, device: torch.device) -> dict:
+    """A collated batch whose images are JPEG bytes (the gpu decoder) with its images decoded
+    on `device`; those that turn out unusable move from its rows to its errors."""
+    x, bad = gpu_batch(batch["images"], pre, device)
+    keep = [k for k in range(len(batch["index"])) if k not in bad]
+    return {"index": [batch["index"][k] for k in keep], "images": x,
+            "digests": [batch["digests"][k] for k in keep],
+            "paths": [batch["paths"][k] for k in keep],
+            "errors": batch["errors"] + [(batch["paths"][k], batch["digests"][k], reason)
+                                         for k, reason in bad.items()]}
 
 
 def digest_or_blank(path: Path) -> str:
@@ -63,11 +90,18 @@ def digest_or_blank(path: Path) -> str:
 
 
 def default_workers(workers: int, cuda: bool) -> int:
-    """Decoding processes: `workers` if >= 0, else CPU: half the cores, at most 4; GPU: up to 8."""
+    """Decoding processes: `workers` if >= 0, else CPU: half the cores, at most 4; GPU: every
+    core, at most 16 (on a GPU, decoding is what the forward pass waits for)."""
     if workers >= 0:
         return workers
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if cuda else min(4, cpus // 2)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(16, cpus or 1) if cuda else min(4, (cpus or 1) // 2)
+
+
+def default_batch_size(batch_size: int | None, cuda: bool) -> int:
+    """Images per forward pass: `batch_size`, else 256 on a GPU (where a batch of 32 leaves it
+    waiting on launches), 32 on a CPU."""
+    return batch_size if batch_size is not None else 256 if cuda else 32
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,7 @@ from .sources import ImageList
 # The settings that decide the features, as recorded in a cache's manifest["config"]: equal
 # ones (and the same torch and torchvision) let a re-run trust the cache without a model.
 SETTINGS = ("backbone", "weights", "layer", "pool", "image_size", "dtype", "views", "augment",
-            "augment_seed")
+            "augment_seed", "decode", "draft")
 _DEFAULTS = asdict(ExtractConfig())
 # Device files of a GPU driver torch can use (NVIDIA, ROCm, WSL's GPU): without any of them,
 # torch.cuda.is_available() is False, so "auto" means the CPU.
@@ -84,9 +84,10 @@ def device_type(name: str) -> str | None:
 
 def precision_for(name: str, kind: str) -> str:
     """The forward pass's precision for --precision `name` on a `kind` ("cpu", "cuda") device:
-    auto is bfloat16 autocast on CUDA, float32 elsewhere."""
+    auto is float16 autocast on CUDA (about 9x closer to float32 than bfloat16 at the same
+    speed; the engine redoes a batch with a non-finite output in float32), float32 elsewhere."""
     if name == "auto":
-        return "bfloat16" if kind == "cuda" else "float32"
+        return "float16" if kind == "cuda" else "float32"
     if name not in PRECISIONS:
         raise UserError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
     return name

@@ -20,6 +20,7 @@ from cache.errors import UserError
 POOLS = ("flatten", "avg")                              # how a spatial cut becomes a vector
 DTYPES = ("float16", "float32")                         # storage dtype of cached features
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # forward-pass precision (autocast)
+DECODERS = ("auto", "cpu", "gpu", "pil")                # how image files become input tensors
 HEADS = ("linear", "mlp", "logreg", "knn", "ridge", "lda")
 CLOSED_FORM = ("ridge", "lda")              # heads solved from one pass of statistics
 LINEAR_LAYER = ("linear", "logreg", "ridge", "lda")   # heads saved as one nn.Linear
@@ -126,17 +127,24 @@ class ExtractConfig:
                                      # a graph node name, or VGG's fc7, fc6, pool5
     pool: str = "flatten"            # spatial outputs: flatten, or avg (mean over positions)
     image_size: int | None = None    # crop size; None: the weights' own (224)
-    batch_size: int = 32             # images per forward pass and per committed batch
+    batch_size: int | None = None    # images per forward pass and per committed batch;
+                                     # None: 32 on a CPU, 256 on a GPU
     workers: int = -1                # decoding processes; -1: auto (CPU: cores//2, at most 4;
-                                     # GPU: up to 8)
+                                     # GPU: every core, at most 16)
     device: str = "auto"             # auto, cpu, cuda, cuda:N
+    decode: str = "auto"             # cpu (libjpeg-turbo to tensors in the workers), gpu
+                                     # (nvJPEG on the device), pil (Pillow); auto: the existing
+                                     # cache's decoder where it runs here, else gpu on a GPU
+    draft: bool = False              # JPEGs >= 2x the resize target decode at a reduced DCT scale
+    mix_decoders: bool = False       # let this run add rows decoded otherwise than the cache's
+                                     # (the manifest lists every decoder of its rows)
     dtype: str = "float16"           # storage dtype: float16 or float32
     views: int = 1                   # views cached per image: the plain preprocessing, and
                                      # views - 1 augmented by `augment`
     augment: str | None = None       # transforms.v2 SPEC of the augmented views; None: a
                                      # RandomResizedCrop and a horizontal flip
     augment_seed: int = 0            # with each image's digest and the view number, seeds a view
-    precision: str = "auto"          # forward precision: auto (bfloat16 on GPU, float32 on CPU),
+    precision: str = "auto"          # forward precision: auto (float16 on GPU, float32 on CPU),
                                      # float32, bfloat16, float16 (autocast)
     overwrite: bool = False          # start again when an existing cache does not match
     rehash: bool = False             # hash every image again, even those whose size and mtime
@@ -148,9 +156,9 @@ class ExtractConfig:
 
     constraints: ClassVar[dict] = {
         "pool": Options(POOLS), "image_size": Interval(int, 32, none=True),
-        "batch_size": Interval(int, 1), "workers": Interval(int, -1),
+        "batch_size": Interval(int, 1, none=True), "workers": Interval(int, -1),
         "dtype": Options(DTYPES), "views": Interval(int, 1), "precision": Options(PRECISIONS),
-        "dist_timeout": Interval(float, 1),
+        "dist_timeout": Interval(float, 1), "decode": Options(DECODERS),
     }
 
 
@@ -246,10 +254,13 @@ class PredictConfig:
     batch_size: int = 32             # images per forward pass
     workers: int = -1                # decoding processes; -1: auto (none for a single batch)
     device: str = "auto"             # auto (CUDA when there is one), cpu, cuda, cuda:N
+    decode: str = "auto"             # cpu, gpu, pil; auto: gpu on a GPU, else cpu
+    draft: bool = False              # JPEGs >= 2x the resize target decode at a reduced DCT scale
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
 
     constraints: ClassVar[dict] = {
         "top_k": Interval(int, 1), "batch_size": Interval(int, 1), "workers": Interval(int, -1),
+        "decode": Options(DECODERS),
     }
 
 

@@ -33,6 +33,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -50,6 +51,9 @@ from ._output import (OutputLock, check_not_an_input, check_output, check_output
                       check_replaceable, dropped_if_empty)
 from ._uptodate import device_type, listing, precision_for, settled, versions
 from .sources import ImageList, find_images
+
+if TYPE_CHECKING:
+    from ._decode import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,8 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         # The same settings as the cache's: decide whether anything is to be done before
         # building a model (for a large backbone, the slowest part of a no-op re-run).
         same = settled(sources[0] or None, config, precision)
+        # Decoders of the rows already there: --decode auto keeps to theirs.
+        recorded = [d["name"] for r in sources if r for d in mf.decoders(r.file_manifest)]
         if same is None:
             build.start()          # other settings, or no cache: a model is needed anyway
         # Files to hash are most likely work: the model is built meanwhile.
@@ -150,11 +156,13 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
             refresh_stats(output, *stale)
         return _unchanged(output, planned, t0, device, same, hashed, job)
     model, info, device = job.step("building the backbone", build.result)
-    manifest = _manifest(info, config, precision, images)
+    decoder = _decoder(config, device, recorded)
+    manifest = _manifest(info, config, precision, images, decoder)
     sources = job.step("opening the existing cache", lambda: _open_all(
         output, manifest, config.overwrite))
     try:
         planned = plan(*names, [r for r in sources if r is not None], unusable=images.unusable)
+        manifest["decoders"] = _decoders(decoder, sources, bool(planned.todo), config, output)
         up_to_date = _up_to_date(planned, sources)
         removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
         resume = sources[1] is not None if not job.distributed else None
@@ -164,7 +172,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     if up_to_date:
         return _unchanged(output, planned, t0, device, manifest, hashed, job)
     computed, compute_s, before = _compute(model, images, planned, stats, manifest, output,
-                                           resume, config, device, precision, job)
+                                           resume, config, device, precision, job, decoder)
     final = job.step("assembling the cache", lambda: finalize(
         output, manifest, *names, updates={"world_size": job.world_size},
         unusable=images.unusable) if job.lead else None)
@@ -249,6 +257,9 @@ def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     check_not_an_input(output, images)
     check_replaceable(output)
     device = device_type(config.device)
+    if device == "cpu" and config.decode == "gpu":
+        raise UserError("--decode gpu needs a CUDA device with nvJPEG (cpu here): use "
+                        "--decode cpu or auto")
     if device is None:
         from ._loading import resolve_device
         device = resolve_device(job.device(config.device))
@@ -314,13 +325,14 @@ def _stale_stats(planned: Plan, old: CacheReader, stats: list) -> tuple[list, li
 
 
 def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, output: Path,
-             resume: bool | None, config: ExtractConfig, device, precision: str, job: Job
-             ) -> tuple[int, float, dict]:
+             resume: bool | None, config: ExtractConfig, device, precision: str, job: Job,
+             decoder: Decoder) -> tuple[int, float, dict]:
     """Compute this rank's deal of the planned batches; return the job's rows computed, its
     compute seconds (the slowest rank's), and the rows each file written (partial or shards,
     by absolute path) held before."""
-    batches = [planned.todo[k:k + config.batch_size]
-               for k in range(0, len(planned.todo), config.batch_size)]
+    from ._loading import default_batch_size
+    size = default_batch_size(config.batch_size, device.type == "cuda")
+    batches = [planned.todo[k:k + size] for k in range(0, len(planned.todo), size)]
     if job.distributed:
         path = shard_path(output, job.rank)
         resume = path.exists()
@@ -336,7 +348,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
         # a killed run would keep the file locked for the next.
         pre = Preprocessing.from_dict(manifest["preprocessing"])
         with engine.decoding(images, job.share(batches), pre, _augment(config, pre),
-                             config.views, config.workers, device) as loaded:
+                             config.views, config.workers, device, decoder) as loaded:
             writer = CacheWriter.resume(path) if resume else CacheWriter.create(path, manifest)
             with writer, dropped_if_empty(writer, created=not resume):
                 rows_before = writer.committed_rows
@@ -344,7 +356,7 @@ def _compute(model, images: ImageList, planned: Plan, stats, manifest: dict, out
                 engine.run(model, images, loaded, stats, writer, dtype=config.dtype,
                            device=device, precision=precision,
                            done=job.counter("extract/images"), total=len(planned.todo),
-                           shown=config.progress if job.lead else False)
+                           shown=config.progress if job.lead else False, pre=pre)
                 return (Path(os.path.abspath(path)), rows_before,
                         writer.committed_rows - rows_before, time.perf_counter() - t)
     done = job.gather(job.step("computing", run))
@@ -369,6 +381,9 @@ def _check_config(config: ExtractConfig) -> None:
     if config.views > mf.MAX_VIEWS:
         raise UserError(f"--views {config.views}: use 1 (the plain view) to {mf.MAX_VIEWS} (each "
                         "view is a forward pass of every image and a dataset of its own)")
+    if config.views > 1 and config.decode not in ("auto", "pil"):
+        raise UserError(f"--decode {config.decode} with --views {config.views}: augmented "
+                        "views decode with Pillow; drop --decode or pass --decode pil")
     if config.views > 1 and len(split_layers(config.layer)) > 1:
         raise UserError(f"--views {config.views} with several cuts ({config.layer}): extract "
                         "augmented views of one cut at a time")
@@ -405,9 +420,11 @@ def build_model(config: ExtractConfig):
                           config.pool)
 
 
-def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList) -> dict:
+def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList,
+              decoder: Decoder) -> dict:
     return {
         **info,
+        "decoders": [decoder.record()],    # every decoder whose rows the cache holds
         "format_version": mf.MULTI_CUT_VERSION if info.get("cuts") else mf.FORMAT_VERSION,
         "views": None if config.views == 1 else {
             "count": config.views, "spec": config.augment or DEFAULT_SPEC,
@@ -421,6 +438,37 @@ def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageLi
         "versions": {"pipeline": __version__, **versions(), "h5py": h5py.__version__,
                      "numpy": np.__version__},
     }
+
+
+def _decoder(config: ExtractConfig, device, recorded: list[str]) -> Decoder:
+    """The decoder of this run: --decode, where auto prefers the one that made the existing
+    rows (`recorded`, their decoders' names). Augmented views decode with Pillow (their
+    transforms take PIL images; `_check_config` refuses another --decode with them)."""
+    from ._decode import Decoder, resolve_decoder
+    if config.views > 1:
+        return Decoder("pil", config.draft)
+    return resolve_decoder(config.decode, device, config.draft, recorded)
+
+
+def _decoders(decoder: Decoder, sources: list, computing: bool, config: ExtractConfig,
+              output: Path) -> list[dict]:
+    """The decoders of the rows the cache will hold: those of the existing rows, and this
+    run's when it computes any. Rows of another decoder are added only with --mix-decoders."""
+    mine = decoder.record()
+    kept = [d for r in sources if r for d in mf.decoders(r.file_manifest)]
+    other = [d for d in kept if mf.decoder_key(d) != mf.decoder_key(mine)]
+    if computing and other and not config.mix_decoders:
+        names = ", ".join(mf.decoder_text(d) for d in other)
+        raise UserError(
+            f"{output} holds rows decoded by {names}; this run decodes with "
+            f"{mf.decoder_text(mine)}, whose pixels differ: pass --decode {other[0]['name']} to "
+            f"match (gpu needs a CUDA device), --mix-decoders to add these rows anyway (the "
+            f"manifest then lists both decoders), or --overwrite to start again")
+    out = []
+    for d in kept + ([mine] if computing or not kept else []):
+        if mf.decoder_key(d) not in map(mf.decoder_key, out):
+            out.append(d)
+    return out
 
 
 def _finish_strict(summary: ExtractSummary, config: ExtractConfig) -> ExtractSummary:

@@ -15,6 +15,7 @@ the images of a source is `pipeline.sources`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -24,6 +25,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -115,12 +117,15 @@ def _fingerprint(f: io.BufferedReader) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def read_image(path: Path) -> tuple[Image.Image, str]:
+def read_image(path: Path, decode: Callable[[BinaryIO], Any] | None = None
+               ) -> tuple[Any, str]:
     """Open a file once; return (RGB image, SHA-256 hex of the bytes decoded).
 
     The file is hashed in blocks, then decoded from the same open file, so neither step
     holds the whole file in memory. Raises BadImageError for files that cannot be read or
-    decoded; its `digest` is set when the bytes were read.
+    decoded; its `digest` is set when the bytes were read. `decode` (a binary file object at
+    the image's first byte -> anything, raising BadImageError) replaces the PIL decoder: the
+    faster decoders of `pipeline._decode` read through the same checks this way.
     """
     try:
         f = open_regular(Path(path))
@@ -141,7 +146,7 @@ def read_image(path: Path) -> tuple[Image.Image, str]:
             try:
                 if size == 0:
                     raise BadImageError("empty file")
-                img = _decode(f)
+                img = (decode or _decode)(f)
             except BadImageError as e:
                 if _fingerprint(f) != before:
                     continue
@@ -163,22 +168,42 @@ def decode_image(data: bytes) -> Image.Image:
     return _decode(io.BytesIO(data))
 
 
-def _decode(fp) -> Image.Image:
-    """decode_image from a binary file object positioned at the image's first byte."""
+def _decode(fp, draft: tuple[int, int] | None = None) -> Image.Image:
+    """`decode_image` from a binary file object positioned at the image's first byte. With
+    `draft` (width, height), a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that
+    keeps both sides at least that large (libjpeg's scaled decoding, Pillow's `draft`)."""
+    with decode_errors():
+        with Image.open(fp) as img:  # reads the header only
+            check_header(img)
+            if draft is not None and img.format == "JPEG":
+                img.draft(img.mode, draft)
+            img.load()  # decode now, inside the guard, so truncation raises here
+            return _to_rgb(_exif_upright(img))
+
+
+decode_file = _decode   # the decoders of pipeline._decode fall back to it
+
+
+@contextlib.contextmanager
+def decode_errors():
+    """Every way Pillow (or a decoder reading its header) fails on bad input, as BadImageError;
+    a decompression bomb warning counts as one (Pillow only warns between 1x and 2x
+    MAX_IMAGE_PIXELS)."""
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; both are bombs here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:  # reads the header only
-                _check_size(*img.size)
-                img.load()  # decode now, inside the guard, so truncation raises here
-                return _to_rgb(_exif_upright(img))
+            yield
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(_bomb_reason(e)) from e
     except _DECODE_ERRORS as e:
         raise BadImageError(_decode_reason(e)) from e
+
+
+def check_header(img: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image whose header gives an unusable size."""
+    _check_size(*img.size)
 
 
 def _check_size(width: int, height: int) -> None:

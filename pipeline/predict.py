@@ -26,7 +26,9 @@ from cache.errors import UserError
 from ._progress import progress
 from .preprocessing import to_float_batch
 from .config import PredictConfig, validate
-from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
+from ._decode import resolve_decoder
+from ._loading import (ImageBatches, collate, default_workers, on_device,   # extract's loader
+                       resolve_device)
 from .models import REEXPORT, load_model
 from .sources import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
 
@@ -73,12 +75,17 @@ def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfi
     step = 1 if pixels else config.batch_size
     batches = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
     workers = 0 if len(batches) < 2 else default_workers(config.workers, device.type == "cuda")
-    loader = DataLoader(ImageBatches(images, TF.pil_to_tensor if pixels else model.preprocessing),
+    pre = model.preprocessing
+    decoder = None if pixels else resolve_decoder(config.decode, device, config.draft)
+    loader = DataLoader(ImageBatches(images, TF.pil_to_tensor if pixels else pre,
+                                     decoder=decoder),
                         batch_sampler=batches,
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda")
     predictions, blocks, skipped = [], [], list(unnamed)
     with progress(n, "predict", config.progress) as bar:
         for batch in loader:
+            if isinstance(batch["images"], list):
+                batch = on_device(batch, pre, device)             # JPEGs decoded by nvJPEG
             skipped += [(path, reason) for path, _, reason in batch["errors"]]
             if batch["index"]:
                 x = batch["images"] if pixels else to_float_batch(batch["images"])
