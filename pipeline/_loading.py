@@ -12,6 +12,7 @@ from cache.errors import UserError
 
 from .preprocessing import Preprocessing
 from .images import BadImageError, file_digest, read_image
+from .shards import ShardList
 from .sources import ImageList
 
 
@@ -27,7 +28,10 @@ class ImageBatches(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img, digest = read_image(self.images.absolute(i))
+            if isinstance(self.images, ShardList):   # a member, read at its offset
+                img, digest = self.images.read(i)
+            else:
+                img, digest = read_image(self.images.absolute(i))
             if self.augment is None:
                 return i, self.pre(img), digest, None, self.images.paths[i]
             views = torch.stack([self.augment(img, digest, v) for v in range(self.views)])
@@ -35,7 +39,8 @@ class ImageBatches(Dataset):
         except BadImageError as e:
             # The digest of the bytes that failed, when read_image got to read them: hashing
             # a large corrupt file a second time would double the cost of rejecting it.
-            digest = e.digest or digest_or_blank(self.images.absolute(i))
+            digest = e.digest or ("" if isinstance(self.images, ShardList)
+                                  else digest_or_blank(self.images.absolute(i)))
             return i, None, digest, str(e), self.images.paths[i]
 
 

@@ -49,6 +49,7 @@ from ._distributed import Job
 from . import _engine as engine
 from ._loading import digest_or_blank, resolve_device
 from ._output import OutputLock, check_not_an_input, check_output, check_replaceable
+from .shards import ShardSet, expand, is_shard_source, known_members, list_shards
 from .sources import ImageList, find_images
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,13 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         _check_shared(output, job)
     sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
     try:
-        listing, stats, hashed = _listing(images, known_stats([r for r in sources if r]),
-                                          config.rehash, job)
+        if isinstance(images, ShardSet):     # tar shards: listed now that the cache is open
+            images, listing, stats, hashed = list_shards(
+                images, config.label_key, known_members(sources[0] or None, config.label_key),
+                config.rehash, job.share, job.gather)
+        else:
+            listing, stats, hashed = _listing(images, known_stats([r for r in sources if r]),
+                                              config.rehash, job)
         # The same settings as the cache's: decide whether anything is to be done before
         # building a model (for a large backbone, the slowest part of a no-op re-run).
         settled = _settled(sources[0] or None, config, precision)
@@ -196,8 +202,14 @@ def _fresh_rows(final: Plan, before: dict) -> int:
 def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     _check_config(config)
     check_output(output)
-    images = find_images(source)
-    check_not_an_input(output, images)
+    if is_shard_source(source):
+        images = expand(source)
+        if os.path.abspath(output) in {str(images.root / s) for s in images.shards}:
+            raise UserError(f"{output} is one of the input shards: extract never writes over "
+                            "its input; choose another -o")
+    else:
+        images = find_images(source)
+        check_not_an_input(output, images)
     check_replaceable(output)
     device = resolve_device(job.device(config.device))
     return images, device, engine.resolve_precision(config.precision, device)
