@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 from cache.errors import UserError
 
 from .preprocessing import Preprocessing
-from .images import BadImageError, file_digest, read_image
-from .shards import ShardList
+from .images import BadImageError, file_digest
+from .shards import ShardList, read_path
 from .sources import ImageList
 
 
@@ -31,7 +31,7 @@ class ImageBatches(Dataset):
             if isinstance(self.images, ShardList):   # a member, read at its offset
                 img, digest = self.images.read(i)
             else:
-                img, digest = read_image(self.images.absolute(i))
+                img, digest = read_path(self.images.absolute(i))   # a file, or SHARD.tar/MEMBER
             if self.augment is None:
                 return i, self.pre(img), digest, None, self.images.paths[i]
             views = torch.stack([self.augment(img, digest, v) for v in range(self.views)])

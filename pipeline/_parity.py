@@ -18,7 +18,8 @@ from torch import nn
 from cache.errors import UserError
 from cache.reader import CacheReader
 
-from .images import BadImageError, read_image
+from .images import BadImageError
+from .shards import read_path
 from .models import LoadedModel
 from .preprocessing import to_float_batch
 
@@ -87,7 +88,7 @@ def pick_images(reader: CacheReader, pre: Callable, images_root: str | None, cou
             break
         tried += 1
         try:
-            img, digest = read_image(root / reader.paths[r])
+            img, digest = read_path(root / reader.paths[r])   # a file or a shard's member
         except BadImageError:
             continue
         if digest == reader.digests[r]:

@@ -28,6 +28,7 @@ from .preprocessing import to_float_batch
 from .config import PredictConfig, validate
 from ._loading import ImageBatches, collate, default_workers, resolve_device   # extract's loader
 from .models import REEXPORT, load_model
+from .shards import is_shard_source, member_paths
 from .sources import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
 
 
@@ -103,9 +104,14 @@ def _collect(inputs) -> tuple[ImageList, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     for arg in inputs:
         p = Path(arg).expanduser()
+        if is_shard_source(arg):                     # tar shards: their image members
+            found_paths, found_skipped = member_paths(arg)
+            paths += found_paths
+            skipped += found_skipped
+            continue
         if not p.exists():
-            raise UserError(f"{arg} does not exist: pass image files, folders of images or "
-                             ".csv/.tsv lists")
+            raise UserError(f"{arg} does not exist: pass image files, folders of images, "
+                             ".csv/.tsv lists or .tar shards")
         if p.is_dir() or p.suffix.lower() in LIST_EXTENSIONS:
             found = find_images(p)
             base = p if p.is_dir() else p.parent     # list paths are relative to the list's folder

@@ -41,7 +41,8 @@ from ._files import check_folder, make_folder, write_file, write_text
 from ._records import AXES, VAL_CACHE, VAL_HASH_SPLIT, read_metrics, read_results
 from .config import ReportConfig, validate
 from .head_file import load_head, read_head_meta
-from .images import BadImageError, read_image
+from .images import BadImageError
+from .shards import read_path
 from .splits import validation_rows
 
 FIGURES = {"learning_curves": "Learning curves",
@@ -403,7 +404,7 @@ def _load_images(reader: CacheReader, rows, order, labels, pred, confidence, nam
             break
         row = int(rows[i])
         try:
-            image, digest = read_image(root / reader.paths[row])
+            image, digest = read_path(root / reader.paths[row])   # a file or a shard's member
         except BadImageError:
             missing += 1
             continue

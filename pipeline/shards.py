@@ -443,21 +443,68 @@ def read_member_at(shard: Path, offset: int, size: int):
 
 def read_path(path: Path):
     """read_image for a cached row's path: a file, or `SHARD.tar/MEMBER` read from its shard
-    (the headers are streamed up to the member; nothing is extracted)."""
+    (the shard's headers are streamed once per process to find its members; nothing is
+    extracted)."""
     path = Path(path)
     shard_text, member = split_member(path.as_posix())
     if member is None or path.exists():
         return read_image(path)
     shard = Path(shard_text)
     try:
-        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            while (info := tar.next()) is not None:
-                if info.name != member:
-                    continue
-                reason = _hostile(info, "image")
-                if reason is not None:
-                    raise BadImageError(reason)
-                return read_member_at(shard, info.offset_data, info.size)
+        found = _index(shard).get(member)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise BadImageError(f"unreadable shard {shard.name}: {_tar_reason(e)}") from e
-    raise BadImageError(f"no member {member} in {shard.name}")
+    if found is None:
+        raise BadImageError(f"no member {member} in {shard.name}")
+    offset, size, reason = found
+    if reason is not None:
+        raise BadImageError(reason)
+    return read_member_at(shard, offset, size)
+
+
+def member_paths(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(`SHARD.tar/MEMBER` paths of the image members, (path, reason) of the hostile ones) of
+    the shards `source` names, paths spelled from `source`'s folder, as read_path reads them;
+    the members are not read."""
+    shards = expand(source)
+    base = Path(os.path.dirname(os.path.expanduser(str(source))) or ".")
+    # Paths as the user wrote them where the shards lie under the source's folder.
+    prefix = (base if (base.resolve() if base.exists() else base) == shards.root
+              else shards.root)
+    paths, skipped = [], []
+    for rel in shards.shards:
+        shard = shards.root / rel
+        try:
+            index = _index(shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            skipped.append(((prefix / rel).as_posix(), f"unreadable shard: {_tar_reason(e)}"))
+            continue
+        for name, (_, _, reason) in sorted(index.items()):
+            if _field(name) != "image":
+                continue
+            where = (prefix / rel).as_posix() + "/" + (name if is_utf8(name) else printable(name))
+            (paths.append(where) if reason is None else skipped.append((where, reason)))
+    return paths, skipped
+
+
+_INDEXES: dict[tuple[str, int, int], dict] = {}   # (shard, size, mtime_ns) -> its index
+_INDEXES_KEPT = 8
+
+
+def _index(shard: Path) -> dict[str, tuple[int, int, str | None]]:
+    """member name -> (data offset, size, why it cannot be read or None) of every member of
+    `shard`, from its headers alone; kept for the last few shards while they are unchanged."""
+    st = os.stat(shard)
+    key = (str(shard), st.st_size, st.st_mtime_ns)
+    if key not in _INDEXES:
+        index = {}
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            while (info := tar.next()) is not None:
+                reason = _hostile(info, _field(info.name))
+                if reason is None and info.size > MAX_MEMBER:
+                    reason = _too_large(info.size)
+                index[info.name] = (info.offset_data, info.size, reason)
+        while len(_INDEXES) >= _INDEXES_KEPT:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[key] = index
+    return _INDEXES[key]

@@ -258,3 +258,49 @@ def test_read_path_reads_a_member_back(sharded):
     assert img.size == (36, 40)
     with pytest.raises(Exception, match="no member"):
         read_path(sharded / "part-001.tar" / "9999.png")
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(sharded, tmp_path):
+    from .test_distributed import assert_same_cache, torchrun
+    (sharded / "part-001.tar").write_bytes((sharded / "part-001.tar").read_bytes()[:3000])
+    source = f"{sharded}/part-{{000..002}}.tar"
+    extract(source, tmp_path / "one.h5", CFG)
+    run = torchrun("ok", source, tmp_path / "two.h5")
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = read(tmp_path / "one.h5"), read(tmp_path / "two.h5")
+    assert_same_cache(two, one)
+    assert two[5]["world_size"] == 2 and len(one[1]) == 9 and len(one[4]) == 1
+
+
+# ----------------------------------------------------------------------------- downstream
+
+def test_export_report_and_predict_read_images_from_shards(sharded, tmp_path):
+    import torch
+
+    from pipeline.config import ExportConfig, PredictConfig, ReportConfig, TrainConfig
+    from pipeline.export import export
+    from pipeline.head_file import load_head
+    from pipeline.predict import predict
+    from pipeline.report import report
+    from pipeline.train_head import train_head
+    source = f"{sharded}/part-*.tar"
+    cache = tmp_path / "c.h5"
+    extract(source, cache, ExtractConfig(**{**CFG.__dict__, "dtype": "float16"}))
+    runs = tmp_path / "runs"
+    run = train_head(cache, runs, TrainConfig(epochs=2, val_fraction=0.5)).best_path
+    exported = export(run, tmp_path / "m.pt2", ExportConfig())
+    assert exported.parity["images"] > 0                         # decoded from the shards
+    summary = report(runs, tmp_path / "r", ReportConfig(misclassified=50))
+    assert not any("missing" in n for n in summary.notes) and summary.misclassified > 0
+    result = predict(tmp_path / "m.pt2", [source], PredictConfig(workers=0, progress=False))
+    with CacheReader(cache) as r:
+        want = [(sharded / p).as_posix() for p in r.paths]
+        feats = torch.from_numpy(r.load_features())
+    assert [p["path"] for p in result.predictions] == want and result.skipped == []
+    head, _ = load_head(run)
+    with torch.no_grad():
+        expected = head(feats).numpy()
+    np.testing.assert_allclose(result.logits, expected, atol=exported.parity["tolerance"])
