@@ -409,24 +409,34 @@ def _tar_reason(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- reading
 
-_OPEN: dict[str, tuple[int, int]] = {}    # shard path -> (pid, descriptor), per process
+_OPEN: dict[str, tuple] = {}    # shard path -> (pid, (dev, ino, size, mtime_ns), descriptor)
+_OPEN_KEPT = 16                 # shards held open per process
 
 
 def read_member_at(shard: Path, offset: int, size: int):
     """(RGB image, SHA-256 of the bytes) of the member whose data lie at `offset`; the shard
-    stays open in this process for the next member (pread: no shared file position)."""
+    stays open in this process for its next members (pread: no shared file position) while
+    it is the same file (a shard replaced under its name is opened again)."""
     if size > MAX_MEMBER:
         raise BadImageError(_too_large(size))
     key = str(shard)
-    held = _OPEN.get(key)
-    if held is None or held[0] != os.getpid():   # a forked worker opens its own
-        try:
-            fd = os.open(shard, os.O_RDONLY)
-        except OSError as e:
-            raise BadImageError(f"unreadable shard: {e.strerror or e}") from e
-        held = _OPEN[key] = (os.getpid(), fd)
     try:
-        data = os.pread(held[1], size, offset)
+        st = os.stat(shard)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        held = _OPEN.get(key)
+        if held is None or held[0] != os.getpid() or held[1] != ident:   # a forked worker
+            if held is not None and held[0] == os.getpid():                # opens its own
+                os.close(held[2])
+            _OPEN.pop(key, None)
+            while len(_OPEN) >= _OPEN_KEPT:
+                old = _OPEN.pop(next(iter(_OPEN)))
+                if old[0] == os.getpid():
+                    os.close(old[2])
+            held = _OPEN[key] = (os.getpid(), ident, os.open(shard, os.O_RDONLY))
+    except OSError as e:
+        raise BadImageError(f"unreadable shard: {e.strerror or e}") from e
+    try:
+        data = os.pread(held[2], size, offset)
     except OSError as e:
         raise BadImageError(f"unreadable: {e.strerror or e}") from e
     digest = hashlib.sha256(data).hexdigest()

@@ -120,7 +120,8 @@ def test_shards_and_folder_give_bit_identical_features(tmp_path):
     write_shard(tmp_path / "sh" / "a.tar", {k: data[k] for k in keys[:6]})
     write_shard(tmp_path / "sh" / "b.tar", {k: data[k] for k in keys[6:]})
     extract(folder, tmp_path / "f.h5", CFG)
-    summary = extract(f"{tmp_path}/sh/*.tar", tmp_path / "s.h5", CFG)
+    summary = extract(f"{tmp_path}/sh/*.tar", tmp_path / "s.h5",   # decoded in 2 workers
+                      ExtractConfig(**{**CFG.__dict__, "workers": 2}))
     f_feats, f_paths, _, f_digests, _, _ = read(tmp_path / "f.h5")
     s_feats, s_paths, s_labels, s_digests, errors, manifest = read(tmp_path / "s.h5")
     assert s_paths == [f"a.tar/{k}.png" for k in keys[:6]] + [f"b.tar/{k}.png" for k in keys[6:]]
