@@ -57,7 +57,8 @@ class PredictResult:
 
 def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfig()
             ) -> PredictResult:
-    """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists).
+    """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists,
+    tar shards: their image members, read in place).
 
     Raises UserError for user mistakes: a file that is not an exported model, a missing input,
     a folder without images, bad settings.
