@@ -37,6 +37,7 @@ SHARD_SUFFIX = ".tar"
 MAX_MEMBER = 256 << 20     # bytes; no image file comes near, and a member is read whole
 _MAX_LABEL = 1 << 20       # bytes of a .cls or .json member
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
                b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -105,7 +106,12 @@ def expand(source: str | Path) -> ShardSet:
 
 
 def _braces(text: str) -> list[str]:
-    """`text` with each {A..B} numeric range expanded (zero padding kept), in order."""
+    """`text` with each {A..B} numeric range (zero padding kept) and {a,b,...} list expanded,
+    in order."""
+    listed = _BRACE_LIST.search(text)
+    if listed is not None:
+        head, tail = text[:listed.start()], text[listed.end():]
+        return [n for part in listed.group(1).split(",") for n in _braces(head + part + tail)]
     match = _BRACE.search(text)
     if match is None:
         return [text]

@@ -85,6 +85,9 @@ def test_brace_range_glob_and_single_tar(sharded):
     assert expand(f"{sharded}/part-*.tar").shards == by_range.shards
     assert expand(f"{sharded}/part-{{001..002}}.tar").shards == ("part-001.tar", "part-002.tar")
     assert expand(sharded / "part-001.tar").shards == ("part-001.tar",)
+    assert expand(f"{sharded}/part-{{002,000}}.tar").shards == ("part-000.tar", "part-002.tar")
+    with pytest.raises(UserError, match="runs backwards"):
+        expand(f"{sharded}/part-{{002..000}}.tar")
 
 
 def test_missing_shard_and_empty_match_are_one_line_errors(sharded):
@@ -150,6 +153,17 @@ def test_json_field_labels(tmp_path):
     assert manifest["class_names"] == ["0", "1", "2", "3", "4"]
     extract(tmp_path / "j.tar", tmp_path / "d.h5", CFG)       # no .cls members: unlabeled
     assert read(tmp_path / "d.h5")[2] == [-1, -1, -1]
+
+
+def test_bad_label_key_and_mixed_labels_are_one_line_errors(tmp_path):
+    write_shard(tmp_path / "j.tar", {"a": (png(1), 4), "b": (png(2), "owl")}, label="json")
+    out = str(tmp_path / "c.h5")
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "j.tar"), "-o", out,
+                                       "--weights", "none", "--label-key", "txt"])
+    one_line(result, "--label-key 'txt'", "json:FIELD")
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "j.tar"), "-o", out,
+                                       "--weights", "none", "--label-key", "json:y"])
+    one_line(result, "mix integers and names")
 
 
 # ----------------------------------------------------------------------------- hostile
