@@ -13,6 +13,8 @@ Same batch size, cut and input size for every case; alternated, medians of --rep
                          workers (the default: half the cores), writing in a thread
   extract float32        the same, float32 storage
   extract float16, 0 workers   decoding in the main process, between forward passes
+  extract float16 from shards  the same JPEGs as 4 webdataset tar shards (KEY.jpg + KEY.cls),
+                               members read in place by the same workers
 
 With --cuts, it compares instead: one extraction storing every cut of the list in one pass,
 the list's cuts extracted one by one, and one extraction of the first cut alone (the goal: all
@@ -30,6 +32,9 @@ import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
+import io  # noqa: E402
+import tarfile  # noqa: E402
+
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -52,6 +57,22 @@ def make_images(root: Path, n: int) -> None:
         (root / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
         img = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
         img.filter(ImageFilter.GaussianBlur(3)).save(root / f"c{i % 4}" / f"{i:05d}.jpg", quality=90)
+
+
+def make_shards(src: Path, root: Path, count: int) -> str:
+    """The JPEGs under `src` as `count` webdataset tar shards (KEY.jpg, KEY.cls) in `root`;
+    returns the brace range naming them."""
+    paths = sorted(src.rglob("*.jpg"), key=lambda p: p.name)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        with tarfile.open(root / f"part-{k:03d}.tar", "w") as tar:
+            for p in paths[k::count]:
+                tar.add(p, arcname=p.name)
+                cls = tarfile.TarInfo(p.stem + ".cls")
+                label = p.parent.name[1:].encode()
+                cls.size = len(label)
+                tar.addfile(cls, io.BytesIO(label))
+    return f"{root}/part-{{000..{count - 1:03d}}}.tar"
 
 
 def main() -> None:
@@ -85,11 +106,11 @@ def main() -> None:
 
     stats: dict[str, dict] = {}
 
-    def run_extract(name: str, dtype: str, workers: int = -1):
+    def run_extract(name: str, dtype: str, workers: int = -1, source=src):
         def case() -> float:
             out = tmp / f"{name.replace(' ', '_')}.h5"
             out.unlink(missing_ok=True)   # extract everything each time
-            s = extract(src, out, ExtractConfig(**cfg, dtype=dtype, workers=workers))
+            s = extract(source, out, ExtractConfig(**cfg, dtype=dtype, workers=workers))
             with h5py.File(out, "r") as h5:
                 storage = h5["features"].id.get_storage_size()
             st = stats.setdefault(name, {"whole": []})
@@ -102,13 +123,16 @@ def main() -> None:
     cases = {"bare forward": bare,
              f"extract float16 ({workers} workers)": run_extract("float16", "float16"),
              f"extract float32 ({workers} workers)": run_extract("float32", "float32"),
-             "extract float16 (0 workers)": run_extract("float16 inline", "float16", 0)}
+             "extract float16 (0 workers)": run_extract("float16 inline", "float16", 0),
+             f"extract float16 from 4 shards ({workers} workers)": run_extract(
+                 "float16 shards", "float16", source=make_shards(src, tmp / "shards", 4))}
     times = alternate(cases, args.repeats)
     decode_s, write_s = _decode_only(paths, pre), _write_only(tmp, info, len(paths))
 
     base = median(times["bare forward"])
     rows = []
-    for (name, ts), key in zip(times.items(), (None, "float16", "float32", "float16 inline")):
+    for (name, ts), key in zip(times.items(), (None, "float16", "float32", "float16 inline",
+                                               "float16 shards")):
         t = median(ts)
         st = stats.get(key)
         rows.append([name, len(paths) / t, paired(times, "bare forward", name),
@@ -126,6 +150,10 @@ def main() -> None:
     print(table(["case", "images/s", "vs bare forward", "images/s min..max", "KiB / row stored",
                  "file MiB", "whole-run images/s"], rows))
     f16, f32 = stats["float16"], stats["float32"]
+    files, sharded = (f"extract float16 ({workers} workers)",
+                      f"extract float16 from 4 shards ({workers} workers)")
+    print(f"\nthroughput from shards: {paired(times, files, sharded):.3f}x that from files "
+          "(median of per-round time ratios; the goal is >= 1)")
     print(f"\nfloat16 storage: {f32['features'] / f16['features']:.2f}x smaller features than "
           f"float32 (files are whole 1 MiB chunks, so small caches round up); whole-run images/s "
           "include building the model and hashing the files, once per run")

@@ -3,7 +3,8 @@ re-run costs when nothing (or little) changed.
 
     .venv/bin/python bench/scale.py [--images 256] [--size 64] [--repeats 3]
                                     [--small-images 20000] [--big-images 200000]
-                                    [--huge-images 1000000] [--only ranks|rerun|command|huge]
+                                    [--huge-images 1000000] [--shards 100]
+                                    [--only ranks|rerun|command|huge|shards]
 
 ranks   The same --images JPEGs (256 x 256, VGG16 fc7 at --size px, random-init, batch 32, float16)
         extracted by one process and by `torchrun --standalone --nproc-per-node 2`, one thread
@@ -23,6 +24,9 @@ command The whole command, Python's start and imports included: `python -m cli e
         file's digest and stat). Also whether the no-op imported torch.
 huge    The in-process no-op re-run (`extract()` in this process) over simulated folders of
         --small-images and --huge-images files, against the listing floor in this process.
+shards  The same kind of images, --small-images / --shards per tar shard (KEY.png + KEY.cls):
+        the first extraction, a no-op re-run (a stat per shard, no member read), and adding
+        one shard (its images read and computed, a stat for each of the others).
 
 Every case in a table runs in the same invocation, alternating where repeated; ratios are
 medians of per-round ratios.
@@ -279,6 +283,53 @@ def huge_table(args, tmp: Path) -> None:
     print(table(["folder", "no-op re-run", "listing floor", "ratio", "no-op min..max"], rows))
 
 
+def write_shards(root: Path, count: int, per_shard: int, start: int = 0) -> None:
+    import io
+    import tarfile
+    rng = np.random.default_rng(start)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(start, start + count):
+        with tarfile.open(root / f"part-{k:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "PNG")
+                for name, data in ((f"{i:06d}.png", buf.getvalue()),
+                                   (f"{i:06d}.cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def shards_table(args, tmp: Path) -> None:
+    per = args.small_images // args.shards
+    root, out = tmp / "shards", tmp / "shards.h5"
+    write_shards(root, args.shards, per)
+    source = f"{root}/part-*.tar"
+    cfg = ExtractConfig(backbone="resnet18", weights="none", image_size=32, batch_size=256,
+                        workers=0, progress=False)
+
+    def timed(fn):
+        t = time.perf_counter()
+        s = fn()
+        return time.perf_counter() - t, s
+    first_s, first = timed(lambda: extract(source, out, cfg))
+    noop = [timed(lambda: extract(source, out, cfg)) for _ in range(args.repeats)]
+    added = []
+    for r in range(args.repeats):
+        write_shards(root, 1, per, start=args.shards + r)
+        added.append(timed(lambda: extract(source, out, cfg)))
+    rows = [["first extraction", first_s, first.hashed, first.computed, "-"],
+            ["no-op re-run", median([t for t, _ in noop]), noop[-1][1].hashed,
+             noop[-1][1].computed, spread([t for t, _ in noop])],
+            ["add one shard", median([t for t, _ in added]), added[-1][1].hashed,
+             added[-1][1].computed, spread([t for t, _ in added])]]
+    print(f"\n{args.shards} tar shards x {per} PNGs 8x8 -> resnet18 penultimate at 32px, "
+          f"{args.repeats} rounds; seconds, members read to hash them, rows computed\n")
+    print(table(["case", "seconds", "members read", "computed", "seconds min..max"], rows))
+    print(f"\nadding one shard cost {median([t for t, _ in added]) / first_s:.3f}x the first "
+          "extraction")
+
+
 def main() -> None:
     ap = bench_parser(__doc__, repeats=3, threads=None)
     ap.add_argument("--images", type=int, default=256)
@@ -286,7 +337,8 @@ def main() -> None:
     ap.add_argument("--small-images", type=int, default=20000)
     ap.add_argument("--big-images", type=int, default=200_000)
     ap.add_argument("--huge-images", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("ranks", "rerun", "command", "huge"))
+    ap.add_argument("--only", choices=("ranks", "rerun", "command", "huge", "shards"))
+    ap.add_argument("--shards", type=int, default=100)
     args = ap.parse_args()
     quiet()
     import torch
@@ -301,6 +353,8 @@ def main() -> None:
         command_table(args, tmp)
     if args.only in (None, "huge"):
         huge_table(args, tmp)
+    if args.only in (None, "shards"):
+        shards_table(args, tmp)
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def predict_command(model: Path, images: tuple[Path, ...], out_format: str, outp
                     quiet: bool, **options) -> None:
     """Top-k classes of images, with a model written by `pipeline export`.
 
-    IMAGES are image files, folders of images, or .csv/.tsv lists; MODEL a .pt2, .onnx or
-    torchvision .pth file. Each image gets its top-k classes with their probabilities.
+    IMAGES are image files, folders of images, .csv/.tsv lists, or tar shards (a .tar, a
+    quoted brace range or glob, read in place); MODEL a .pt2, .onnx or torchvision .pth file. Each image gets its top-k classes with their probabilities.
 
     Images are decoded and preprocessed as `pipeline extract` did for the model's cache. Bad
     images are reported on stderr and skipped.

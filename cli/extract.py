@@ -84,6 +84,9 @@ _D = defaults(ExtractConfig)
               help="Under torchrun: seconds a rank waits for the others at a meeting point "
                    "before failing with the ranks that did not come.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image had to be skipped.")
+@click.option("--label-key", default=_D["label_key"], show_default=True, metavar="cls|json:FIELD",
+              help="Tar shards: take a sample's label from its KEY.cls member (an integer), or "
+                   "from FIELD of its KEY.json member.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @fail_on_user_error
 def extract_command(source: Path | None, output: Path | None, quiet: bool, list_layers: bool,
@@ -95,7 +98,9 @@ def extract_command(source: Path | None, output: Path | None, quiet: bool, list_
       torchrun --nproc-per-node 8 --no-python pipeline extract SOURCE -o CACHE.h5
 
     SOURCE is a folder of class sub-folders (ImageFolder layout), a folder of unlabeled
-    images, or a .csv/.tsv list of path[,label]. Re-running the same command resumes an
+    images, a .csv/.tsv list of path[,label], or webdataset-style tar shards: a .tar, a
+    brace range 'shards/part-{000..099}.tar' or a glob 'shards/*.tar' (quoted), read in
+    place. Re-running the same command resumes an
     interrupted run, or updates the cache for added, changed and removed images.
     """
     if list_layers:

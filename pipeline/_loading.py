@@ -13,6 +13,7 @@ from cache.errors import UserError
 from ._decode import Decoder, gpu_batch
 from .preprocessing import Preprocessing
 from .images import BadImageError, file_digest, read_image
+from .shards import ShardList, read_path
 from .sources import ImageList
 
 
@@ -32,10 +33,16 @@ class ImageBatches(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            if self.decoder is not None:
+            if isinstance(self.images, ShardList):   # a member, read at its offset
+                if self.decoder is not None:
+                    x, digest = self.images.read(i, self._decode)
+                    return i, x, digest, None, self.images.paths[i]
+                img, digest = self.images.read(i)
+            elif self.decoder is not None:
                 x, digest = read_image(self.images.absolute(i), self._decode)
                 return i, x, digest, None, self.images.paths[i]
-            img, digest = read_image(self.images.absolute(i))
+            else:
+                img, digest = read_path(self.images.absolute(i))   # a file, or SHARD.tar/MEMBER
             if self.augment is None:
                 return i, self.pre(img), digest, None, self.images.paths[i]
             views = torch.stack([self.augment(img, digest, v) for v in range(self.views)])
@@ -43,7 +50,8 @@ class ImageBatches(Dataset):
         except BadImageError as e:
             # The digest of the bytes that failed, when read_image got to read them: hashing
             # a large corrupt file a second time would double the cost of rejecting it.
-            digest = e.digest or digest_or_blank(self.images.absolute(i))
+            digest = e.digest or ("" if isinstance(self.images, ShardList)
+                                  else digest_or_blank(self.images.absolute(i)))
             return i, None, digest, str(e), self.images.paths[i]
 
     def _decode(self, fp) -> torch.Tensor:

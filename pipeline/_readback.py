@@ -8,7 +8,8 @@ from PIL import Image
 
 from cache import CacheReader
 
-from .images import BadImageError, read_image
+from .images import BadImageError
+from .shards import read_path
 
 MISSING, CHANGED = "missing", "changed"
 
@@ -19,10 +20,10 @@ def images_root(reader: CacheReader, given: str | Path | None) -> Path:
 
 
 def read_row_image(reader: CacheReader, root: Path, row: int) -> tuple[Image.Image | None, str]:
-    """(image, "") of cached row `row`, decoded as extract decodes; (None, MISSING) when its
+    """(image, "") of cached row `row`, decoded with Pillow (a file, or a tar shard's member); (None, MISSING) when its
     file is gone or unreadable, (None, CHANGED) when its SHA-256 is not the one recorded."""
     try:
-        image, digest = read_image(root / reader.paths[row])
+        image, digest = read_path(root / reader.paths[row])   # a file or a shard's member
     except BadImageError:
         return None, MISSING
     if digest != reader.digests[row]:

@@ -152,6 +152,8 @@ class ExtractConfig:
     dist_timeout: float = 1800.0     # torchrun: seconds a rank waits for the others at a
                                      # meeting point before naming the missing ones
     strict: bool = False             # skipped images make the run fail (after it finishes)
+    label_key: str = "cls"           # tar shards: a sample's label from its KEY.cls member, or
+                                     # json:FIELD of its KEY.json member
     progress: bool | None = None     # progress line on stderr; None: only on a terminal
 
     constraints: ClassVar[dict] = {

@@ -50,7 +50,7 @@ from ._distributed import Job
 from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
                       check_replaceable, dropped_if_empty)
 from ._uptodate import device_type, listing, precision_for, settled, versions
-from .sources import ImageList, find_images
+from .sources import ImageList, find_images, is_shard_source
 
 if TYPE_CHECKING:
     from ._decode import Decoder
@@ -140,8 +140,14 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
         if same is None:
             build.start()          # other settings, or no cache: a model is needed anyway
         # Files to hash are most likely work: the model is built meanwhile.
-        names, stats, hashed = listing(images, known_stats([r for r in sources if r]),
-                                       config.rehash, job, on_change=build.start)
+        if is_shard_source(source):       # tar shards: listed now that the cache is open
+            from .shards import known_members, list_shards
+            images, names, stats, hashed = list_shards(
+                images, config.label_key, known_members(sources[0] or None, config.label_key),
+                config.rehash, job.share, job.gather)
+        else:
+            names, stats, hashed = listing(images, known_stats([r for r in sources if r]),
+                                           config.rehash, job, on_change=build.start)
         if same is not None:
             planned = plan(*names, [r for r in sources if r], unusable=images.unusable)
             if _up_to_date(planned, sources):
@@ -253,8 +259,15 @@ def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
     else the torch.device that torch resolved (and checked)."""
     _check_config(config)
     check_output(output)
-    images = find_images(source)
-    check_not_an_input(output, images)
+    if is_shard_source(source):
+        from .shards import expand
+        images = expand(source)
+        if os.path.abspath(output) in {str(images.root / s) for s in images.shards}:
+            raise UserError(f"{output} is one of the input shards: extract never writes over "
+                            "its input; choose another -o")
+    else:
+        images = find_images(source)
+        check_not_an_input(output, images)
     check_replaceable(output)
     device = device_type(config.device)
     if device == "cpu" and config.decode == "gpu":

@@ -30,7 +30,8 @@ from ._decode import resolve_decoder
 from ._loading import (ImageBatches, collate, default_workers, on_device,   # extract's loader
                        resolve_device)
 from .models import REEXPORT, load_model
-from .sources import LIST_EXTENSIONS, ImageList, find_images, is_utf8, printable
+from .shards import member_paths
+from .sources import LIST_EXTENSIONS, ImageList, find_images, is_shard_source, is_utf8, printable
 
 
 @dataclass
@@ -58,7 +59,8 @@ class PredictResult:
 
 def predict(model_path: str | Path, inputs, config: PredictConfig = PredictConfig()
             ) -> PredictResult:
-    """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists).
+    """Top-k classes of every image in `inputs` (image files, folders, .csv/.tsv lists,
+    tar shards: their image members, read in place).
 
     Raises UserError for user mistakes: a file that is not an exported model, a missing input,
     a folder without images, bad settings.
@@ -110,9 +112,14 @@ def _collect(inputs) -> tuple[ImageList, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     for arg in inputs:
         p = Path(arg).expanduser()
+        if is_shard_source(arg):                     # tar shards: their image members
+            found_paths, found_skipped = member_paths(arg)
+            paths += found_paths
+            skipped += found_skipped
+            continue
         if not p.exists():
-            raise UserError(f"{arg} does not exist: pass image files, folders of images or "
-                             ".csv/.tsv lists")
+            raise UserError(f"{arg} does not exist: pass image files, folders of images, "
+                             ".csv/.tsv lists or .tar shards")
         if p.is_dir() or p.suffix.lower() in LIST_EXTENSIONS:
             found = find_images(p)
             base = p if p.is_dir() else p.parent     # list paths are relative to the list's folder

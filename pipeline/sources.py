@@ -133,6 +133,18 @@ def _find_in_folder(root: Path) -> ImageList:
     return ImageList(root, paths, labels, class_names, "imagefolder", tuple(unusable), stats)
 
 
+SHARD_SUFFIX = ".tar"                # a webdataset-style tar shard (see `pipeline.shards`)
+
+
+def is_shard_source(source: str | Path) -> bool:
+    """Whether SOURCE names tar shards (a .tar file, a brace range or a glob of them)."""
+    text = str(source)
+    name = text.lower()
+    if name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+        return True
+    return name.endswith(SHARD_SUFFIX) and not Path(text).is_dir()
+
+
 _NO_STAT = (-1, -1)
 
 
