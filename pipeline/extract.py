@@ -130,6 +130,16 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     if job.distributed:
         _check_shared(output, job)
     build = _Build(config, device)
+    try:
+        return _plan_and_run(source, output, config, job, t0, images, device, precision, build)
+    finally:
+        build.abandon()    # no build thread outlives a failed run (it would race the next one)
+
+
+def _plan_and_run(source: Path, output: Path, config: ExtractConfig, job: Job, t0: float,
+                  images: ImageList, device, precision: str, build: "_Build"
+                  ) -> ExtractSummary:
+    """Plan against the existing cache, then compute and assemble what is to be done."""
     sources = job.step("opening the existing cache", lambda: _open_all(output, None, True))
     try:
         # The same settings as the cache's: decide whether anything is to be done before

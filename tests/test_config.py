@@ -48,8 +48,9 @@ def test_a_value_outside_its_constraint_is_one_line_naming_the_option(config, me
 def test_none_only_where_the_field_allows_it():
     validate(ExtractConfig(image_size=None))
     validate(TrainConfig(views=None))
+    validate(ExtractConfig(batch_size=None))       # extract: None picks by the device
     with pytest.raises(UserError, match="--batch-size None: use an integer >= 1"):
-        validate(ExtractConfig(batch_size=None))
+        validate(PredictConfig(batch_size=None))
 
 
 def test_derived_click_types_keep_the_range():
