@@ -55,8 +55,9 @@ from cache import CacheReader
 from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_splits,
                               plan_memory)
 from ._files import check_folder, make_folder
-from ._records import (Result, TrainSummary, data_of, earlier_runs, record, records_lock,
-                       run_label, standardized, summarize, write_csv, write_summary)
+from ._records import (Result, TrainSummary, _run_id as run_id, data_of, earlier_runs, record,
+                       plural, records_lock, standardized, summarize, write_csv,
+                       write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
 from .config import TrainConfig
 from .heads import HeadStack, StackedOptimizer, evaluate, fit_logreg, fold_standardization
@@ -96,15 +97,17 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                       _moments(train, sweep, config))
         make_folder(runs_dir, "runs folder", "choose another -o")
         groups = passes(sweep, train.reader.feature_dim, len(names), config)
-        log.info("%d experiments in %d passes over %d training rows (%s), validation: %s",
-                 len(sweep), len(groups), len(train.rows), memory["train"],
+        log.info("%s in %s over %d training rows (%s), validation: %s",
+                 plural(len(sweep), "experiment"), plural(len(groups), "pass"), len(train.rows),
+                 memory["train"],
                  f"{len(val.rows)} rows" if val else "none")
         rows = []
         for i, group in enumerate(groups, 1):
-            kind = group[0].kind
+            kind, t_pass = group[0].kind, time.perf_counter()
             results = (_fit_logreg(group, ctx) if kind == "logreg" else fit_knn(group, ctx)
                        if kind == "knn" else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
+            _log_pass((i, len(groups)), group, rows[-len(results):], time.perf_counter() - t_pass)
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # Another sweep into this folder may have recorded runs since: merge under its lock.
         with records_lock(runs_dir):
@@ -204,7 +207,7 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
                     active[h] = False
             history[h].append(row)
         info = _epoch_info(where, group, epoch, cfg.epochs, history, active,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, ctx)
         _log_epoch(info)
         if on_epoch is not None:
             on_epoch(info)
@@ -272,7 +275,7 @@ def _derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:7], "big")
 
 
-def _epoch_info(where, group, epoch, epochs, history, active, seconds) -> dict:
+def _epoch_info(where, group, epoch, epochs, history, active, seconds, ctx) -> dict:
     """What `on_epoch` gets: one epoch of one pass, as plain values."""
     now = [h for h in range(len(group)) if history[h] and history[h][-1]["epoch"] == epoch]
     losses = [history[h][-1]["train_loss"] for h in now]
@@ -282,7 +285,7 @@ def _epoch_info(where, group, epoch, epochs, history, active, seconds) -> dict:
             "best_val_acc": None, "best_run": None}
     if "val_acc" in history[now[0]][-1]:
         h = max(now, key=lambda i: history[i][-1]["val_acc"])
-        info.update(best_val_acc=history[h][-1]["val_acc"], best_run=run_label(group[h]))
+        info.update(best_val_acc=history[h][-1]["val_acc"], best_run=run_id(group[h], ctx))
     return info
 
 
@@ -292,9 +295,22 @@ def _log_epoch(info: dict) -> None:
         else "")
     if info["best_val_acc"] is not None:
         text += f", best val acc {info['best_val_acc']:.4f} ({info['best_run']})"
-    log.info("pass %d/%d %s x%d: epoch %d/%d, %s, %d active, %.2f s", info["pass"],
+    log.debug("pass %d/%d %s x%d: epoch %d/%d, %s, %d active, %.2f s", info["pass"],
              info["passes"], info["kind"], info["heads"], info["epoch"], info["epochs"], text,
              info["active"], info["seconds"])
+
+
+def _log_pass(where: tuple[int, int], group: list[Experiment], rows: list[dict],
+              seconds: float) -> None:
+    """One line a pass (the per-epoch lines are DEBUG: `pipeline -v train-head`), naming the
+    pass's best run by the id its folder and the leaderboard use."""
+    epochs = max((r.get("epochs_run") or 0 for r in rows), default=0)
+    text = f"{epochs} epoch{'s' * (epochs != 1)}, " if epochs else ""
+    scored = [r for r in rows if r.get("val_acc") is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["val_acc"])
+        text += f"best val acc {best['val_acc']:.4f} ({best['run_id']}), "
+    log.info("pass %d/%d %s x%d: %s%.2f s", *where, group[0].kind, len(group), text, seconds)
 
 
 def _fit_logreg(group: list[Experiment], ctx: Context) -> list[Result]:
