@@ -90,13 +90,15 @@ class ExtractSummary:
     hashed: int = 0           # image files read to hash them (the others cost a stat)
     world_size: int = 1       # processes of the job (torchrun ranks)
     rank: int = 0             # this process's rank (only rank 0's summary describes the cache)
+    changed: int = 0          # cached images whose file changed since: computed again, not dropped
 
     def line(self) -> str:
         if self.up_to_date:
             return f"{self.path}: up to date ({self.rows} rows, {len(self.bad)} skipped images)"
         ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
         return (f"{self.path}: {self.rows} rows ({self.computed} computed, {self.reused} reused, "
-                f"{self.removed} dropped), {len(self.bad)} skipped images, {self.seconds:.1f} s, "
+                f"{self.removed} dropped{f', {self.changed} changed' if self.changed else ''}), "
+                f"{len(self.bad)} skipped images, {self.seconds:.1f} s, "
                 f"{self.images_per_s:.1f} images/s on {self.device}{ranks}")
 
 
@@ -158,7 +160,8 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     try:
         planned = plan(*listing, [r for r in sources if r is not None], unusable=images.unusable)
         up_to_date = _up_to_date(planned, sources)
-        removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
+        removed, changed = ((0, 0) if sources[0] is None else            # while it is open
+                            (planned.dropped(sources[0]), planned.changed(sources[0])))
         resume = sources[1] is not None if not job.distributed else None
     finally:
         _close(sources)
@@ -175,7 +178,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     return ExtractSummary(
         str(output), len(final.rows), fresh, len(final.rows) - fresh, removed, _bad(final),
         time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
-        str(device), manifest, hashed, job.world_size, job.rank)
+        str(device), manifest, hashed, job.world_size, job.rank, changed)
 
 
 def _unchanged(output: Path, planned: Plan, t0: float, device, manifest: dict, hashed: int,

@@ -143,7 +143,10 @@ def test_incremental_update_computes_only_new_and_changed(folder, tmp_path):
     Image.new("RGB", (40, 48), (200, 10, 10)).save(folder / "cat" / "001.png")   # changed
     (folder / "dog" / "002.png").unlink()                                        # removed
     summary = extract(folder, out, CFG)
-    assert (summary.computed, summary.reused, summary.removed, summary.rows) == (3, 10, 2, 13)
+    # The changed image is computed and said as changed; only the removed one is dropped.
+    assert (summary.computed, summary.reused, summary.removed, summary.changed,
+            summary.rows) == (3, 10, 1, 1, 13)
+    assert "(3 computed, 10 reused, 1 dropped, 1 changed)" in summary.line()
     fresh = tmp_path / "fresh.h5"
     extract(folder, fresh, CFG)
     got, want = read(out), read(fresh)
