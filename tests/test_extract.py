@@ -422,8 +422,13 @@ def test_weights_name_uses_torchvision_download(folder, tmp_path, monkeypatch):
     def offline(url, *args, **kwargs):
         raise OSError("network unreachable")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(UserError, match="could not get vgg16 weights IMAGENET1K_V1"):
+    with pytest.raises(UserError, match="could not get vgg16 weights IMAGENET1K_V1") as e:
         extract(folder, tmp_path / "d.h5", ExtractConfig(**{**CFG.__dict__, "weights": "DEFAULT"}))
+    # Says where torchvision keeps the file (to copy it from another machine) and how to try
+    # things out offline.
+    kept = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+    assert f"to {kept}," in str(e.value) and "--weights none: random-init" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("args, words", [
