@@ -477,6 +477,9 @@ def test_no_top5_below_five_classes(cache, tmp_path):
     ({"preprocessing": {**MANIFEST["preprocessing"], "crop_size": 64}},
      "does not match the train cache.*preprocessing.crop_size: 32 vs 64"),
     ({"class_names": ["class0", "class1", "other"]}, "does not match the train cache.*class_names"),
+    # Another backbone: what made the caches is named, not a --layer that cannot help.
+    ({"backbone": "resnet18", "weights_sha256": "cd" * 32, "layer": "layer3",
+      "layer_alias": None}, "does not match the train cache.*backbone: 'vgg16' vs 'resnet18'"),
 ])
 def test_mismatching_val_or_test_cache_is_refused(cache, tmp_path, change, message):
     other = make_cache(tmp_path / "other.h5", *blobs(n=40), **change)
