@@ -391,11 +391,12 @@ def build_model(config: ExtractConfig):
     for `config`: the one place `extract()` builds a model (not at all when the cache's recorded
     settings show it up to date). Tests and tools may replace it (`pipeline.extract.build_model = ...`) to wrap
     or stub the model; the replacement takes the config and returns (model, info) likewise."""
-    if config.weights.lower() == "none":
+    built = build_backbone(config.backbone, config.weights, config.layer, config.image_size,
+                           config.pool)
+    if config.weights.lower() == "none":   # once the names are known good, not before the error
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone, extra={"random_init": True})
-    return build_backbone(config.backbone, config.weights, config.layer, config.image_size,
-                          config.pool)
+    return built
 
 
 def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList) -> dict:

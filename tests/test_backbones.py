@@ -111,6 +111,16 @@ def test_timm_features_equal_forward_head_pre_logits(images, tmp_path):
     np.testing.assert_allclose(blocks, torch.flatten(tokens, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_an_unknown_backbone_is_said_before_any_random_init_warning(tmp_path, caplog):
+    from pipeline.extract import extract
+    from pipeline.config import ExtractConfig
+    images = make_folder(tmp_path / "images", classes=("a",), per_class=1)
+    with pytest.raises(UserError, match="unknown backbone 'nosuchnet'"):
+        extract(images, tmp_path / "c.h5", ExtractConfig(backbone="nosuchnet", weights="none",
+                                                           workers=0, progress=False))
+    assert "RANDOM-INIT" not in caplog.text
+
+
 def test_layer_names_and_refusals():
     names = list_layers("resnet18")
     assert names[0] == "penultimate" and "layer4.1.relu_1" in names and names[-1] == "fc"
