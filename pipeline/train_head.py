@@ -89,6 +89,7 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
         check_rows(sweep, len(train.rows))
         names = train.reader.class_names
         warnings = _class_warnings(train, names)
+        warnings += [] if warnings else _val_warnings(val)
         # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
         earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
         memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
@@ -269,6 +270,22 @@ def _lr_scale(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
     if cfg.schedule == "step":
         return 0.1 ** ((epoch - 1) // (cfg.lr_step or max(1, cfg.epochs // 3)))
     return 1.0
+
+
+MIN_VAL_ROWS = 30     # below this, validation accuracy moves in steps too coarse to rank heads
+
+
+def _val_warnings(val: Split | None) -> list[str]:
+    """What to say when validation is too small to tell heads apart: with 4 rows every
+    accuracy is a multiple of 0.25 and many heads tie at 1.0."""
+    if val is None or len(val.rows) >= MIN_VAL_ROWS:
+        return []
+    n = len(val.rows)
+    text = (f"validation holds only {n} row{'s' * (n != 1)}: accuracies move in steps of "
+            f"{1 / n:.2g}, too coarse to rank heads; give --val VAL.h5 or a larger --val-fraction "
+            f"(at least {MIN_VAL_ROWS} rows)")
+    log.warning(text)
+    return [text]
 
 
 def _derived_seed(seed: int, purpose: str) -> int:

@@ -685,6 +685,19 @@ def test_cli_log_is_a_line_a_pass_epochs_behind_v_and_q_is_quiet(cache, tmp_path
     assert all(m.rsplit("(", 1)[1].split(")")[0] in ids for m in epochs)
 
 
+def test_a_validation_split_too_small_to_rank_is_warned(tmp_path, caplog):
+    x, y = blobs(n=42)
+    path = make_cache(tmp_path / "small.h5", x, y)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train_head"):
+        summary = train_head(path, tmp_path / "runs", TrainConfig(**{**FAST, "val_fraction": 0.1}))
+    n = summary.data["val"]["rows"]
+    assert 0 < n < 30
+    assert summary.warnings == [r.getMessage() for r in caplog.records
+                                if r.levelno == logging.WARNING]
+    assert summary.warnings[0].startswith(f"validation holds only {n} row")
+    assert "--val-fraction" in summary.warnings[0] and "WARNING: validation" in summary.line()
+
+
 def test_one_experiment_is_said_in_the_singular(cache, tmp_path):
     summary = train_head(cache, tmp_path / "runs", TrainConfig(**{**FAST, "epochs": 1}))
     assert summary.line().startswith("1 experiment in 1 pass, ranked by "), summary.line()
