@@ -111,6 +111,17 @@ def test_timm_features_equal_forward_head_pre_logits(images, tmp_path):
     np.testing.assert_allclose(blocks, torch.flatten(tokens, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_list_layers_names_the_modules_that_work_as_cuts():
+    run = CliRunner().invoke(main, ["extract", "--list-layers", "--backbone", "resnet18"])
+    assert run.exit_code == 0, run.output
+    line = run.output.splitlines()[-1]
+    assert line.startswith("module names (each means its last node): layer1, layer1.0, ")
+    modules = line.split(": ", 1)[1].split(", ")
+    assert "layer3" in modules and "layer3.1.relu_1" not in modules
+    for name in ("layer3", "layer2.0.downsample"):          # each one a cut that builds
+        build_backbone("resnet18", "none", name, SIZE)
+
+
 def test_an_unknown_backbone_is_said_before_any_random_init_warning(tmp_path, caplog):
     from pipeline.extract import extract
     from pipeline.config import ExtractConfig
