@@ -393,7 +393,8 @@ def build_model(config: ExtractConfig):
     or stub the model; the replacement takes the config and returns (model, info) likewise."""
     built = build_backbone(config.backbone, config.weights, config.layer, config.image_size,
                            config.pool)
-    if config.weights.lower() == "none":   # once the names are known good, not before the error
+    # Once the names are known good (not before the error), and once a job: by rank 0 alone.
+    if config.weights.lower() == "none" and os.environ.get("RANK", "0") == "0":
         log.warning("using RANDOM-INIT %s weights (--weights none): features describe a random "
                     "network, not a pretrained one", config.backbone, extra={"random_init": True})
     return built

@@ -111,6 +111,18 @@ def test_timm_features_equal_forward_head_pre_logits(images, tmp_path):
     np.testing.assert_allclose(blocks, torch.flatten(tokens, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
+def test_the_random_init_warning_is_said_once_a_job(monkeypatch, caplog, rank, said):
+    from pipeline.extract import build_model
+    from pipeline.config import ExtractConfig
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    build_model(ExtractConfig(backbone="resnet18", weights="none", image_size=SIZE))
+    assert ("RANDOM-INIT resnet18" in caplog.text) == said
+
+
 def test_list_layers_names_the_modules_that_work_as_cuts():
     run = CliRunner().invoke(main, ["extract", "--list-layers", "--backbone", "resnet18"])
     assert run.exit_code == 0, run.output
