@@ -70,9 +70,15 @@ class Plan:
         return sorted((want - have).elements())
 
     def dropped(self, source: CacheReader) -> int:
-        """Rows of `source` that match no current image (removed or changed since)."""
-        current = set(zip(self.paths, self.digests))
-        return sum(key not in current for key in zip(source.paths, source.digests))
+        """Rows of `source` whose image is gone (a changed image is counted by `changed`)."""
+        current = set(self.paths)
+        return sum(path not in current for path in source.paths)
+
+    def changed(self, source: CacheReader) -> int:
+        """Rows of `source` whose image is still there with other content: computed again."""
+        current = dict(zip(self.paths, self.digests))
+        return sum(path in current and current[path] != digest
+                   for path, digest in zip(source.paths, source.digests))
 
     def output_rows(self) -> list[tuple[int, int, int, str, str]]:
         """(source number, source row, label, path, digest) of each row, for `assemble`."""

@@ -22,11 +22,13 @@ _P = defaults(PredictConfig)
               metavar="FILE",
               help="The model file: MODEL.pt2, MODEL.onnx, or MODEL.pth (+ MODEL.json) for "
                    "--format torchvision.")
-@click.option("--format", "format", type=click_type(ExportConfig, "format"), default=_E["format"],
-              show_default=True,
+@click.option("--format", "format", type=click_type(ExportConfig, "format"), default=None,
+              show_default=f"from -o's suffix (.pt2, .onnx, .pth), else {_E['format']}",
               help="pt2: torch.export archive (unpickles code when loaded: treat it as code); "
-                   "onnx: ONNX with a dynamic batch (needs the onnx extra); torchvision: a "
-                   "state_dict for torchvision's VGG(num_classes=C) (fc7 cut, linear head).")
+                   "onnx: ONNX with a dynamic batch (needs the onnx extra); torchvision: the "
+                   "state_dict of the torchvision model with its last layer replaced by the "
+                   "head (any torchvision backbone at the penultimate cut, linear or logreg "
+                   "head). A format that contradicts -o's suffix is refused.")
 @click.option("--input", "input", type=click_type(ExportConfig, "input"), default=_E["input"],
               show_default=True,
               help="tensor: the model takes (N, 3, S, S) float in [0, 1], preprocessed; image: "
@@ -65,7 +67,11 @@ def export_command(head: Path, output: Path, as_json: bool, cache: Path | None,
     (the largest difference is reported).
     """
     from pipeline.export import export
+    from pipeline.models import SUFFIXES
 
+    if options["format"] is None:          # the suffix says it: -o model.onnx is ONNX
+        options["format"] = next((f for f, ends in SUFFIXES.items()
+                                  if output.suffix.lower() in ends), _E["format"])
     config = ExportConfig(**options, cache=None if cache is None else str(cache),
                           images_root=None if images_root is None else str(images_root))
     summary = export(head, output, config)

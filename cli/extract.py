@@ -106,7 +106,14 @@ def extract_command(source: Path | None, output: Path | None, quiet: bool, list_
     if list_layers:
         from pipeline.backbone import list_layers as names
 
-        click.echo("\n".join(names(options["backbone"], options["image_size"])))
+        nodes = names(options["backbone"], options["image_size"])
+        click.echo("\n".join(nodes))
+        # Module names work too (each means its last node): every dotted prefix of a node.
+        modules = dict.fromkeys(".".join(n.split(".")[:i]) for n in nodes
+                                for i in range(1, n.count(".") + 1))
+        modules = [m for m in modules if m not in nodes]
+        if modules:
+            click.echo(f"module names (each means its last node): {', '.join(modules)}")
         return
     if source is None or output is None:
         raise click.UsageError("give SOURCE and -o CACHE.h5 (or --list-layers)")

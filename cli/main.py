@@ -24,7 +24,7 @@ COMMANDS = (extract_command, inspect_command, train_head_command, export_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More log output (-v: each committed batch).")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: each committed batch of extract, each epoch of train-head).")
 @click.version_option(package_name="frozen-feature-pipeline")
 def main(verbose: int) -> None:
     """Run a frozen backbone once, cache its activations in HDF5, and train many

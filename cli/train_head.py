@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def _axis(name: str, item, help: str, metavar="A,B"):
               default=_D["max_memory"],
               show_default=size_text(_D["max_memory"]),
               help="Features held in RAM at most (4G, 512M); a larger cache is streamed from "
-                   "HDF5 in shuffled whole chunks.")
+                   "HDF5 in shuffled whole chunks. A pass of heads holds at most a quarter of it "
+                   "in parameters and optimizer state: more heads, more passes.")
 @click.option("--standardize/--no-standardize", default=_D["standardize"], show_default=True,
               help="linear and mlp heads: train on features standardized with the training "
                    "rows' per-feature mean and std (folded into the saved head, which takes "
@@ -202,22 +204,34 @@ def _axis(name: str, item, help: str, metavar="A,B"):
 @click.option("--allow-incomplete", is_flag=True,
               help="Use the committed rows of caches whose extraction did not finish.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Warnings only on stderr (no line per pass); the leaderboard is still printed.")
 @click.pass_context
 @fail_on_user_error
 def train_head_command(ctx: click.Context, train: Path, runs_dir: Path, val: Path | None,
-                       test: Path | None, as_json: bool, **options) -> None:
-    """Train many heads on the cached features in TRAIN, in one pass per head shape, and
-    print a leaderboard sorted by validation accuracy.
+                       test: Path | None, as_json: bool, quiet: bool, **options) -> None:
+    """Train many heads on the cached features in TRAIN, in one pass per head shape (split when
+    a pass would exceed a quarter of --max-memory), and print a leaderboard sorted by
+    validation accuracy.
 
     Comma-separated values are swept: --lr 1e-3,1e-2 --weight-decay 0,1e-4 --dropout 0,0.5
     --seed 0,1,2 is 24 experiments, trained together. Each run lands in RUNS/<run-id>/ (head.pt,
-    head.json, metrics.json); RUNS/results.csv has one row per experiment.
+    head.json, metrics.json); RUNS/results.csv has one row per experiment. stderr gets a line
+    per pass; `pipeline -v train-head` adds a line per epoch, -q leaves warnings only.
     """
     from pipeline.train_head import train_head
 
     if val is not None and ctx.get_parameter_source("val_fraction").name == "COMMANDLINE":
         raise click.UsageError("give --val or --val-fraction, not both")
-    summary = train_head(train, runs_dir, TrainConfig(**options), val_path=val, test_path=test)
+    stage_log = logging.getLogger("pipeline.train_head")
+    level = stage_log.level
+    if quiet:
+        stage_log.setLevel(logging.WARNING)
+    try:
+        summary = train_head(train, runs_dir, TrainConfig(**options), val_path=val,
+                             test_path=test)
+    finally:
+        stage_log.setLevel(level)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
         return

@@ -8,8 +8,10 @@
     export(summary.best_path, "model.pt2", ExportConfig())
     predict("model.pt2", ["new-photos/"], PredictConfig(top_k=3))
 
-The stage functions are imported on first use: `import pipeline` and the configs cost no torch
-import, so the command line answers `--help` at once.
+Each stage is a module that can be called as its own verb: `pipeline.export(...)` and
+`pipeline.export.export(...)` are the same call, and `pipeline.export.load_model` is there too.
+The stages are imported on first use: `import pipeline` and the configs cost no torch import,
+so the command line answers `--help` at once.
 """
 from __future__ import annotations
 
@@ -32,21 +34,37 @@ _LAZY = {
 }
 
 
+class _Stage(types.ModuleType):
+    """A stage module that is also its verb: calling `pipeline.export` calls `pipeline.export.export`
+    (looked up at each call, so a function replaced on the module is the one that runs)."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+def _stage(module: types.ModuleType) -> types.ModuleType:
+    if type(module) is types.ModuleType:
+        module.__class__ = _Stage
+    return module
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = _stage(module) if _LAZY[name] == name else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Package(types.ModuleType):
-    """Keeps `pipeline.extract` (and the other stage names) the function, not the module of the
-    same name: importing a submodule makes Python set it as an attribute of its package."""
+    """Makes `pipeline.extract` (and the other stage names) a callable module, whichever way it was
+    imported first: importing a submodule makes Python set it as an attribute of its package, and
+    `from pipeline import extract` goes through `__getattr__`."""
 
     def __setattr__(self, name, value):
         if _LAZY.get(name) == name and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
+            value = _stage(value)
         super().__setattr__(name, value)
 
 

@@ -262,13 +262,14 @@ def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list
     for path, role in ((val_path, "val"), (test_path, "test")):
         if path is None:
             continue
+        # What made the caches first: a cache of another backbone has no cut of this name, and
+        # "pick another --layer" would be advice that cannot work.
+        with CacheReader(path, allow_incomplete=True) as peek:
+            _refuse_mismatch(role, path, train_path,
+                             mf.differences(train_reader.manifest, peek.file_manifest, _MADE_BY))
         reader = open_cache(path, role, train_reader.manifest["layer"])   # the same cut
-        diff = mf.differences(train_reader.manifest, reader.manifest, MATCH_KEYS)
-        if diff:
-            raise UserError(
-                f"{role} cache {path} does not match the train cache {train_path}: "
-                + "; ".join(diff) + ". Extract both with the same --backbone, --weights, --layer, "
-                "--image-size and --precision, from data with the same classes")
+        _refuse_mismatch(role, path, train_path,
+                         mf.differences(train_reader.manifest, reader.manifest, MATCH_KEYS))
         split = Split(role, reader, np.flatnonzero(labeled(reader, role)))
         if not len(split.rows):
             raise UserError(f"{role} cache {path} has no labeled rows")
@@ -282,6 +283,18 @@ def open_splits(train_path, val_path, test_path, cfg: TrainConfig, readers: list
     if not len(train.rows):
         raise UserError(f"train cache {train_path} has no labeled rows left to train on")
     return train, val, test
+
+
+# What made a cache, whatever cuts it holds.
+_MADE_BY = ("backbone", "weights", "weights_sha256", "preprocessing", "precision")
+
+
+def _refuse_mismatch(role: str, path, train_path, diff: list[str]) -> None:
+    if diff:
+        raise UserError(
+            f"{role} cache {path} does not match the train cache {train_path}: "
+            + "; ".join(diff) + ". Extract both with the same --backbone, --weights, --layer, "
+            "--image-size and --precision, from data with the same classes")
 
 
 def plan_memory(train: Split, evals: list[Split], cfg: TrainConfig) -> dict:

@@ -94,9 +94,15 @@ class TrainSummary:
     def line(self) -> str:
         earlier = (f" ({self.runs} runs in the folder with earlier sweeps)"
                    if self.runs > self.experiments else "")
-        return (f"{self.experiments} experiments in {len(self.passes)} passes{earlier}, ranked "
+        return (f"{plural(self.experiments, 'experiment')} in {plural(len(self.passes), 'pass')}"
+                f"{earlier}, ranked "
                 f"by {self.ranked_by}, {self.seconds:.1f} s. Results: {self.results_csv}"
                 + "".join(f" WARNING: {w}" for w in self.warnings))
+
+
+def plural(n: int, word: str) -> str:
+    """`1 pass`, `2 passes`, `1 experiment`, `35 experiments`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def run_label(e: Experiment) -> str:

@@ -72,6 +72,18 @@ def view_seed(digest: str, view: int, seed: int) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
+def _own_error(spec: str, e: SyntaxError) -> str:
+    """The parser's complaint about the SPEC as the user typed it, not about the brackets put
+    around it (an unclosed "(" must not be reported as a "]" the user never wrote)."""
+    try:
+        ast.parse(spec, mode="eval")
+    except SyntaxError as own:
+        return own.msg
+    except (MemoryError, RecursionError):
+        pass
+    return e.msg
+
+
 def _parse(spec: str, size: int) -> list:
     if len(spec) > MAX_SPEC_CHARS:
         raise UserError(f"--augment is {len(spec)} characters long, more than the "
@@ -82,8 +94,8 @@ def _parse(spec: str, size: int) -> list:
         raise UserError(f"--augment {spec[:40]!r}...: too deeply nested to parse: write e.g. "
                         f"{DEFAULT_SPEC!r}") from None
     except SyntaxError as e:
-        raise UserError(f"--augment {spec!r} is not a list of transforms ({e.msg}): write e.g. "
-                        f"{DEFAULT_SPEC!r}") from None
+        raise UserError(f"--augment {spec!r} is not a list of transforms ({_own_error(spec, e)}): "
+                        f"write e.g. {DEFAULT_SPEC!r}") from None
     if not isinstance(tree, ast.List) or not tree.elts:
         raise UserError(f"--augment {spec!r} names no transform: write e.g. {DEFAULT_SPEC!r}")
     return [_transform(node, spec, size) for node in tree.elts]

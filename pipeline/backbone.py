@@ -253,7 +253,8 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
             # are OSErrors), gated, no weights for this name (timm's RuntimeError)
             reason = first_line(e)
             raise UserError(f"could not get timm weights for {backbone} ({reason}): connect "
-                            "once, or pass a local .pth file with --weights") from None
+                            "once, or pass a local .pth file with --weights (--weights none: "
+                            "random-init weights, for trying things out)") from None
         return model.state_dict(), f"{backbone}:{model.pretrained_cfg.get('tag') or 'DEFAULT'}"
     if not is_timm(backbone):
         enum = torchvision.models.get_model_weights(backbone)
@@ -263,8 +264,13 @@ def load_weights(backbone: str, weights: str | Path, image_size: int | None = No
                 return w.get_state_dict(progress=False, check_hash=True), f"{backbone}:{w.name}"
             except (OSError, RuntimeError) as e:  # offline, proxy, disk full (URLError is
                 # an OSError), a hash mismatch or a torn download (RuntimeError)
+                # Where torchvision looks first: a file copied there from another machine works.
+                where = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
                 raise UserError(f"could not get {backbone} weights {w.name} ({e}): connect to "
-                                "the internet once, or pass a local .pth file with --weights") from None
+                                f"the internet once, copy {where.name} from a machine that has it "
+                                f"to {where}, or pass a local .pth file with --weights "
+                                "(--weights none: random-init weights, for trying things "
+                                "out)") from None
     return _load_file(backbone, Path(text)), f"file:{Path(text).name}"
 
 

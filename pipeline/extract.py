@@ -87,13 +87,15 @@ class ExtractSummary:
     hashed: int = 0           # image files read to hash them (the others cost a stat)
     world_size: int = 1       # processes of the job (torchrun ranks)
     rank: int = 0             # this process's rank (only rank 0's summary describes the cache)
+    changed: int = 0          # cached images whose file changed since: computed again, not dropped
 
     def line(self) -> str:
         if self.up_to_date:
             return f"{self.path}: up to date ({self.rows} rows, {len(self.bad)} skipped images)"
         ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
         return (f"{self.path}: {self.rows} rows ({self.computed} computed, {self.reused} reused, "
-                f"{self.removed} dropped), {len(self.bad)} skipped images, {self.seconds:.1f} s, "
+                f"{self.removed} dropped{f', {self.changed} changed' if self.changed else ''}), "
+                f"{len(self.bad)} skipped images, {self.seconds:.1f} s, "
                 f"{self.images_per_s:.1f} images/s on {self.device}{ranks}")
 
 
@@ -180,7 +182,8 @@ def _plan_and_run(source: Path, output: Path, config: ExtractConfig, job: Job, t
         planned = plan(*names, [r for r in sources if r is not None], unusable=images.unusable)
         manifest["decoders"] = _decoders(decoder, sources, bool(planned.todo), config, output)
         up_to_date = _up_to_date(planned, sources)
-        removed = 0 if sources[0] is None else planned.dropped(sources[0])   # while it is open
+        removed, changed = ((0, 0) if sources[0] is None else            # while it is open
+                            (planned.dropped(sources[0]), planned.changed(sources[0])))
         resume = sources[1] is not None if not job.distributed else None
     finally:
         _close(sources)
@@ -197,7 +200,7 @@ def _plan_and_run(source: Path, output: Path, config: ExtractConfig, job: Job, t
     return ExtractSummary(
         str(output), len(final.rows), fresh, len(final.rows) - fresh, removed, _bad(final),
         time.perf_counter() - t0, computed / compute_s if compute_s > 0 else 0.0, False,
-        str(device), manifest, hashed, job.world_size, job.rank)
+        str(device), manifest, hashed, job.world_size, job.rank, changed)
 
 
 class _Build:
@@ -436,11 +439,13 @@ def build_model(config: ExtractConfig):
     (`pipeline.extract.build_model = ...`) to wrap or stub the model; the replacement takes the
     config and returns (model, info) likewise."""
     from .backbone import build_backbone, warn_random_init
-    if config.weights.lower() == "none":
+    built = build_backbone(config.backbone, config.weights, config.layer, config.image_size,
+                           config.pool)
+    # Once the names are known good (not before the error), and once a job: by rank 0 alone.
+    if config.weights.lower() == "none" and os.environ.get("RANK", "0") == "0":
         warn_random_init(log, config.backbone, "using", "--weights none",
                          "features describe a random network, not a pretrained one")
-    return build_backbone(config.backbone, config.weights, config.layer, config.image_size,
-                          config.pool)
+    return built
 
 
 def _manifest(info: dict, config: ExtractConfig, precision: str, images: ImageList,

@@ -47,7 +47,7 @@ class PredictResult:
 
     def line(self) -> str:
         n = len(self.predictions)
-        return (f"{n} images predicted with {self.model} ({self.format}), {len(self.skipped)} "
+        return (f"{n} image{'s' * (n != 1)} predicted with {self.model} ({self.format}), {len(self.skipped)} "
                 f"skipped, {self.seconds:.1f} s ({n / self.seconds if self.seconds else 0:.1f} "
                 f"images/s)")
 

@@ -221,10 +221,10 @@ def _hyperparameters(rows: list[dict]) -> Figure:
                 continue
             x = pos[r[axis]] + jitter[i]
             ax.scatter(x, r[metric], s=28, color=_COLORS.get(r["head"], "gray"), alpha=0.8,
-                       edgecolors="none", zorder=2)
+                       edgecolors="none", zorder=2, clip_on=False)
             if i == 0:
                 ax.scatter(x, r[metric], s=260, marker="*", facecolors="none",
-                           edgecolors="black", linewidths=1.2, zorder=3)
+                           edgecolors="black", linewidths=1.2, zorder=3, clip_on=False)
         ax.set_xticks(range(len(values)), [_label(v) for v in values])
         ax.set_xlim(-0.6, len(values) - 0.4)
         ax.set_title(axis.replace("_", " "))
@@ -232,6 +232,8 @@ def _hyperparameters(rows: list[dict]) -> Figure:
     for ax in axes[:, 0]:
         ax.set_ylabel(metric.replace("val_acc", "validation accuracy")
                       .replace("train_acc", "train accuracy (no validation data)"))
+    lo, hi = axes[0, 0].get_ylim()           # shared: an accuracy axis stays within [0, 1]
+    axes[0, 0].set_ylim(max(lo, 0.0), min(hi, 1.0))
     for ax in list(axes.flat)[len(swept):]:
         ax.set_visible(False)
     handles = [Line2D([], [], ls="", marker="o", color=c, label=k) for k, c in _COLORS.items()

@@ -59,8 +59,9 @@ from ._feature_splits import (MATCH_KEYS, Context, Split, feature_moments, open_
                               plan_memory)
 from ._files import check_folder, make_folder
 from ._halving import keep_heads, rungs, shrink, survivors
-from ._records import (Result, TrainSummary, data_of, earlier_runs, record, records_lock,
-                       run_label, standardized, summarize, write_csv, write_summary)
+from ._records import (Result, TrainSummary, _run_id as run_id, data_of, earlier_runs, record,
+                       plural, records_lock, standardized, summarize, write_csv,
+                       write_summary)
 from ._sweep import Experiment, check_config, experiments, passes
 from .closed_form import check_classes, fit_heads
 from .config import CLOSED_FORM, TrainConfig
@@ -95,6 +96,7 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
         warnings = _class_warnings(train, names)
         for kind in dict.fromkeys(e.kind for e in sweep if e.kind in CLOSED_FORM):
             check_classes(train.labels, kind)        # before any head trains
+        warnings += [] if warnings else _val_warnings(val)
         # Before any training: refuses a folder whose sweeps this one cannot be ranked with.
         earlier = earlier_runs(runs_dir, data_of(train, val, test), names)
         memory = plan_memory(train, [s for s in (val, test) if s is not None], config)
@@ -103,17 +105,19 @@ def train_head(train_path: str | Path, runs_dir: str | Path, config: TrainConfig
                       _moments(train, sweep, config))
         make_folder(runs_dir, "runs folder", "choose another -o")
         groups = passes(sweep, train.reader.feature_dim, len(names), config)
-        log.info("%d experiments in %d passes over %d training rows (%s), validation: %s",
-                 len(sweep), len(groups), len(train.rows), memory["train"],
+        log.info("%s in %s over %d training rows (%s), validation: %s",
+                 plural(len(sweep), "experiment"), plural(len(groups), "pass"), len(train.rows),
+                 memory["train"],
                  f"{len(val.rows)} rows" if val else "none")
         rows = []
         for i, group in enumerate(groups, 1):
-            kind = group[0].kind
+            kind, t_pass = group[0].kind, time.perf_counter()
             results = (_fit_logreg(group, ctx) if kind == "logreg"
                        else fit_knn(group, ctx) if kind == "knn"
                        else _fit_closed_form(group, ctx) if kind in CLOSED_FORM
                        else _train_pass(group, ctx, (i, len(groups)), on_epoch))
             rows += [record(runs_dir, r, ctx) for r in results]
+            _log_pass((i, len(groups)), group, rows[-len(results):], time.perf_counter() - t_pass)
         memory["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # Another sweep into this folder may have recorded runs since: merge under its lock.
         with records_lock(runs_dir):
@@ -230,7 +234,7 @@ def _train_pass(group: list[Experiment], ctx: Context, where: tuple[int, int],
             alive, active = [alive[h] for h in keep], active[keep]
             smoothing = smoothing[keep]
         info = _epoch_info(where, group, epoch, cfg.epochs, history, active,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, ctx)
         _log_epoch(info)
         if on_epoch is not None:
             on_epoch(info)
@@ -298,11 +302,27 @@ def _lr_scale(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
     return 1.0
 
 
+MIN_VAL_ROWS = 30     # below this, validation accuracy moves in steps too coarse to rank heads
+
+
+def _val_warnings(val: Split | None) -> list[str]:
+    """What to say when validation is too small to tell heads apart: with 4 rows every
+    accuracy is a multiple of 0.25 and many heads tie at 1.0."""
+    if val is None or len(val.rows) >= MIN_VAL_ROWS:
+        return []
+    n = len(val.rows)
+    text = (f"validation holds only {n} row{'s' * (n != 1)}: accuracies move in steps of "
+            f"{1 / n:.2g}, too coarse to rank heads; give --val VAL.h5 or a larger --val-fraction "
+            f"(at least {MIN_VAL_ROWS} rows)")
+    log.warning(text)
+    return [text]
+
+
 def _derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:7], "big")
 
 
-def _epoch_info(where, group, epoch, epochs, history, active, seconds) -> dict:
+def _epoch_info(where, group, epoch, epochs, history, active, seconds, ctx) -> dict:
     """What `on_epoch` gets: one epoch of one pass, as plain values."""
     now = [h for h in range(len(group)) if history[h] and history[h][-1]["epoch"] == epoch]
     losses = [history[h][-1]["train_loss"] for h in now]
@@ -312,7 +332,7 @@ def _epoch_info(where, group, epoch, epochs, history, active, seconds) -> dict:
             "best_val_acc": None, "best_run": None}
     if "val_acc" in history[now[0]][-1]:
         h = max(now, key=lambda i: history[i][-1]["val_acc"])
-        info.update(best_val_acc=history[h][-1]["val_acc"], best_run=run_label(group[h]))
+        info.update(best_val_acc=history[h][-1]["val_acc"], best_run=run_id(group[h], ctx))
     return info
 
 
@@ -322,9 +342,22 @@ def _log_epoch(info: dict) -> None:
         else "")
     if info["best_val_acc"] is not None:
         text += f", best val acc {info['best_val_acc']:.4f} ({info['best_run']})"
-    log.info("pass %d/%d %s x%d: epoch %d/%d, %s, %d active, %.2f s", info["pass"],
+    log.debug("pass %d/%d %s x%d: epoch %d/%d, %s, %d active, %.2f s", info["pass"],
              info["passes"], info["kind"], info["heads"], info["epoch"], info["epochs"], text,
              info["active"], info["seconds"])
+
+
+def _log_pass(where: tuple[int, int], group: list[Experiment], rows: list[dict],
+              seconds: float) -> None:
+    """One line a pass (the per-epoch lines are DEBUG: `pipeline -v train-head`), naming the
+    pass's best run by the id its folder and the leaderboard use."""
+    epochs = max((r.get("epochs_run") or 0 for r in rows), default=0)
+    text = f"{epochs} epoch{'s' * (epochs != 1)}, " if epochs else ""
+    scored = [r for r in rows if r.get("val_acc") is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["val_acc"])
+        text += f"best val acc {best['val_acc']:.4f} ({best['run_id']}), "
+    log.info("pass %d/%d %s x%d: %s%.2f s", *where, group[0].kind, len(group), text, seconds)
 
 
 def _fit_logreg(group: list[Experiment], ctx: Context) -> list[Result]:

@@ -75,3 +75,9 @@ def test_transforms_without_a_crop_end_at_the_crop_size(img):
 def test_bad_specs_are_one_line_errors(spec, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
         Augment.parse(spec, PRE)
+
+
+def test_a_malformed_spec_is_told_in_the_users_own_terms():
+    with pytest.raises(UserError) as e:
+        Augment.parse("RandomResizedCrop(scale=(0.5,1)", PRE)
+    assert "']'" not in str(e.value) and "never closed" in str(e.value), str(e.value)

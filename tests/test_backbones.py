@@ -111,6 +111,39 @@ def test_timm_features_equal_forward_head_pre_logits(images, tmp_path):
     np.testing.assert_allclose(blocks, torch.flatten(tokens, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank, said", [(None, True), ("0", True), ("1", False)])
+def test_the_random_init_warning_is_said_once_a_job(monkeypatch, caplog, rank, said):
+    from pipeline.extract import build_model
+    from pipeline.config import ExtractConfig
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    build_model(ExtractConfig(backbone="resnet18", weights="none", image_size=SIZE))
+    assert ("RANDOM-INIT resnet18" in caplog.text) == said
+
+
+def test_list_layers_names_the_modules_that_work_as_cuts():
+    run = CliRunner().invoke(main, ["extract", "--list-layers", "--backbone", "resnet18"])
+    assert run.exit_code == 0, run.output
+    line = run.output.splitlines()[-1]
+    assert line.startswith("module names (each means its last node): layer1, layer1.0, ")
+    modules = line.split(": ", 1)[1].split(", ")
+    assert "layer3" in modules and "layer3.1.relu_1" not in modules
+    for name in ("layer3", "layer2.0.downsample"):          # each one a cut that builds
+        build_backbone("resnet18", "none", name, SIZE)
+
+
+def test_an_unknown_backbone_is_said_before_any_random_init_warning(tmp_path, caplog):
+    from pipeline.extract import extract
+    from pipeline.config import ExtractConfig
+    images = make_folder(tmp_path / "images", classes=("a",), per_class=1)
+    with pytest.raises(UserError, match="unknown backbone 'nosuchnet'"):
+        extract(images, tmp_path / "c.h5", ExtractConfig(backbone="nosuchnet", weights="none",
+                                                           workers=0, progress=False))
+    assert "RANDOM-INIT" not in caplog.text
+
+
 def test_layer_names_and_refusals():
     names = list_layers("resnet18")
     assert names[0] == "penultimate" and "layer4.1.relu_1" in names and names[-1] == "fc"

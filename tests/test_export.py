@@ -242,7 +242,18 @@ def test_refuses_formats_this_head_cannot_take(work, tmp_path):
              "mlp head on vgg16 fc7", "--format pt2 or onnx")
     run = _edit_head(work, tmp_path / "run", layer="classifier.1", layer_alias="fc6")
     _refused([run, "-o", tmp_path / "m.pth", "--format", "torchvision"], "linear head on fc6")
-    _refused([work["runs"]["linear"], "-o", tmp_path / "m.onnx"], "m.pt2", "format")
+    _refused([work["runs"]["linear"], "-o", tmp_path / "m.onnx", "--format", "pt2"], "m.pt2",
+             "format")                                 # a format that contradicts the suffix
+    _refused([work["runs"]["linear"], "-o", tmp_path / "m.bin"], "m.pt2", "format")
+
+
+def test_the_format_is_taken_from_the_suffix(work, tmp_path):
+    out = tmp_path / "m.pth"                           # no --format: .pth is torchvision's
+    result = CliRunner().invoke(main, ["export", str(work["runs"]["linear"]), "-o", str(out),
+                                       "--no-parity-check", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "torchvision"
+    assert load_model(out).format == "torchvision" and out.with_suffix(".json").is_file()
 
 
 def test_parity_failure_and_unreachable_images_write_nothing(work, tmp_path):

@@ -143,7 +143,10 @@ def test_incremental_update_computes_only_new_and_changed(folder, tmp_path):
     Image.new("RGB", (40, 48), (200, 10, 10)).save(folder / "cat" / "001.png")   # changed
     (folder / "dog" / "002.png").unlink()                                        # removed
     summary = extract(folder, out, CFG)
-    assert (summary.computed, summary.reused, summary.removed, summary.rows) == (3, 10, 2, 13)
+    # The changed image is computed and said as changed; only the removed one is dropped.
+    assert (summary.computed, summary.reused, summary.removed, summary.changed,
+            summary.rows) == (3, 10, 1, 1, 13)
+    assert "(3 computed, 10 reused, 1 dropped, 1 changed)" in summary.line()
     fresh = tmp_path / "fresh.h5"
     extract(folder, fresh, CFG)
     got, want = read(out), read(fresh)
@@ -419,8 +422,13 @@ def test_weights_name_uses_torchvision_download(folder, tmp_path, monkeypatch):
     def offline(url, *args, **kwargs):
         raise OSError("network unreachable")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(UserError, match="could not get vgg16 weights IMAGENET1K_V1"):
+    with pytest.raises(UserError, match="could not get vgg16 weights IMAGENET1K_V1") as e:
         extract(folder, tmp_path / "d.h5", ExtractConfig(**{**CFG.__dict__, "weights": "DEFAULT"}))
+    # Says where torchvision keeps the file (to copy it from another machine) and how to try
+    # things out offline.
+    kept = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+    assert f"to {kept}," in str(e.value) and "--weights none: random-init" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -72,7 +72,8 @@ def test_plan_new_changed_removed_and_failed_images(tmp_path):
         assert planned.rows == [(0, 0, 0)]
         assert planned.errors == [failed]
         assert planned.todo == [1, 3, 4]
-        assert planned.dropped(r) == 2          # the old a/1.png and the removed b/gone.png
+        assert planned.dropped(r) == 1          # the removed b/gone.png
+        assert planned.changed(r) == 1          # a/1.png, computed again
         assert planned.output_rows() == [(0, 0, 0, "a/0.png", digest("a/0.png"))]
         after = plan(*listing(images), [r], changed_reason="changed")
     assert after.todo == [] and after.rows == planned.rows

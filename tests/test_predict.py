@@ -158,3 +158,10 @@ def test_device_option(setup):
     if not torch.cuda.is_available():
         one_line(_cli(setup["model"], setup["images"], "--device", "cuda", "-q"),
                  "CUDA is not available")
+
+
+def test_one_image_is_said_in_the_singular():
+    from pipeline.predict import PredictResult
+    result = PredictResult("m.pt2", "pt2", ["a", "b"], [{"path": "x.png", "top": []}],
+                           np.zeros((1, 2), np.float32), [], 0.5)
+    assert result.line().startswith("1 image predicted with m.pt2 (pt2), 0 skipped"), result.line()

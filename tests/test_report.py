@@ -228,3 +228,12 @@ def test_report_sees_every_sweep_written_into_the_folder(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")][1:]
     assert [line.split("`")[1] for line in table] == [r["run_id"] for r in second.leaderboard]
+
+
+def test_the_accuracy_axis_ends_at_1():
+    from pipeline.report import _hyperparameters
+    rows = [{"run_id": f"linear-lr{lr}", "head": "linear", "lr": lr, "val_acc": acc}
+            for lr, acc in ((0.1, 1.0), (0.01, 1.0), (0.001, 0.92))]
+    fig = _hyperparameters(rows)
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi == 1.0 and 0.0 <= lo < 0.92

@@ -420,7 +420,7 @@ def test_without_validation_every_head_is_ranked_by_its_clean_training_loss(tmp_
 def test_on_epoch_gets_every_epoch_of_every_pass(cache, tmp_path, caplog):
     seen = []
     cfg = TrainConfig(head=("linear", "mlp", "logreg"), hidden=((5,),), lr=(1e-2, 1e-1), **FAST)
-    with caplog.at_level(logging.INFO, logger="pipeline.train_head"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.train_head"):
         summary = train_head(cache, tmp_path / "runs", cfg, on_epoch=seen.append)
     assert summary.passes == [2, 2, 1]
     assert [(e["pass"], e["kind"], e["epoch"]) for e in seen] == [
@@ -433,9 +433,8 @@ def test_on_epoch_gets_every_epoch_of_every_pass(cache, tmp_path, caplog):
                                         .read_text())["epochs"][e["epoch"] - 1]["val_acc"]
                 for r in runs}
         assert e["best_val_acc"] == max(accs.values())
-        assert any(run_id.startswith(e["best_run"]) and accs[run_id] == e["best_val_acc"]
-                   for run_id in accs)
-    assert "pass 2/3 mlp x2: epoch 3/3" in caplog.text               # the line for humans stays
+        assert accs[e["best_run"]] == e["best_val_acc"]          # named as its folder is
+    assert "pass 2/3 mlp x2: epoch 3/3" in caplog.text               # the line for -v stays
 
 
 def test_summary_is_a_dataclass_and_summary_json_its_to_json(cache, tmp_path):
@@ -478,6 +477,9 @@ def test_no_top5_below_five_classes(cache, tmp_path):
     ({"preprocessing": {**MANIFEST["preprocessing"], "crop_size": 64}},
      "does not match the train cache.*preprocessing.crop_size: 32 vs 64"),
     ({"class_names": ["class0", "class1", "other"]}, "does not match the train cache.*class_names"),
+    # Another backbone: what made the caches is named, not a --layer that cannot help.
+    ({"backbone": "resnet18", "weights_sha256": "cd" * 32, "layer": "layer3",
+      "layer_alias": None}, "does not match the train cache.*backbone: 'vgg16' vs 'resnet18'"),
 ])
 def test_mismatching_val_or_test_cache_is_refused(cache, tmp_path, change, message):
     other = make_cache(tmp_path / "other.h5", *blobs(n=40), **change)
@@ -642,6 +644,63 @@ def test_cli_sweep_table_and_json(cache, tmp_path):
     assert summary == json.loads((tmp_path / "runs" / "summary.json").read_text())
     assert summary["experiments"] == 4 and summary["memory"]["max_memory"] == 2**30
     assert {r["head"] for r in summary["leaderboard"]} == {"linear", "logreg"}
+
+
+def _stage_lines(caplog, level):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "pipeline.train_head" and r.levelno == level]
+
+
+@pytest.mark.parametrize("verbosity", ["", "-v", "-q"])
+def test_cli_log_is_a_line_a_pass_epochs_behind_v_and_q_is_quiet(cache, tmp_path, caplog,
+                                                                  verbosity):
+    caplog.set_level(logging.DEBUG, logger="pipeline.train_head")
+    args = ["train-head", str(cache), "-o", str(tmp_path / "runs"), "--lr", "1e-2,1e-3",
+            "--head", "linear,logreg", "--C", "0.1", "--epochs", "3"]
+    args = ([verbosity, *args] if verbosity == "-v" else [*args, verbosity] if verbosity
+            else args)
+    if verbosity != "-v":       # without -v the stage logger stays at INFO, as under the CLI
+        logging.getLogger("pipeline.train_head").setLevel(logging.INFO)
+    before = logging.getLogger("pipeline.train_head").level
+    try:
+        result = CliRunner().invoke(main, args)
+        after = logging.getLogger("pipeline.train_head").level
+    finally:
+        logging.getLogger("pipeline.train_head").setLevel(logging.NOTSET)
+    assert after == before                                            # -q puts it back
+    assert result.exit_code == 0, result.output
+    ids = [r["run_id"] for r in _csv_rows(tmp_path / "runs" / "results.csv")]
+    info, debug = _stage_lines(caplog, logging.INFO), _stage_lines(caplog, logging.DEBUG)
+    assert "val acc" in result.output                                 # the leaderboard, always
+    if verbosity == "-q":
+        assert info == [] and debug == []
+        return
+    passes = [m for m in info if m.startswith("pass ")]
+    assert [m.split(":")[0] for m in passes] == ["pass 1/2 linear x2", "pass 2/2 logreg x1"]
+    assert "3 epochs" in passes[0]
+    named = [m.rsplit("(", 1)[1].split(")")[0] for m in passes]       # the pass's best run
+    assert all(n in ids for n in named), (named, ids)                 # with the hash suffix
+    epochs = [m for m in debug if "epoch " in m]
+    assert len(epochs) == (3 if verbosity == "-v" else 0)
+    assert all(m.rsplit("(", 1)[1].split(")")[0] in ids for m in epochs)
+
+
+def test_a_validation_split_too_small_to_rank_is_warned(tmp_path, caplog):
+    x, y = blobs(n=42)
+    path = make_cache(tmp_path / "small.h5", x, y)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train_head"):
+        summary = train_head(path, tmp_path / "runs", TrainConfig(**{**FAST, "val_fraction": 0.1}))
+    n = summary.data["val"]["rows"]
+    assert 0 < n < 30
+    assert summary.warnings == [r.getMessage() for r in caplog.records
+                                if r.levelno == logging.WARNING]
+    assert summary.warnings[0].startswith(f"validation holds only {n} row")
+    assert "--val-fraction" in summary.warnings[0] and "WARNING: validation" in summary.line()
+
+
+def test_one_experiment_is_said_in_the_singular(cache, tmp_path):
+    summary = train_head(cache, tmp_path / "runs", TrainConfig(**{**FAST, "epochs": 1}))
+    assert summary.line().startswith("1 experiment in 1 pass, ranked by "), summary.line()
 
 
 def test_cli_hidden_sizes_and_errors(cache, tmp_path):
