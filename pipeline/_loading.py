@@ -12,7 +12,7 @@ from cache.errors import UserError
 
 from ._decode import Decoder, gpu_batch
 from .preprocessing import Preprocessing
-from .images import BadImageError, file_digest, read_image
+from .images import BadImageError, file_digest
 from .shards import ShardList, read_path
 from .sources import ImageList
 
@@ -38,8 +38,8 @@ class ImageBatches(Dataset):
                     x, digest = self.images.read(i, self._decode)
                     return i, x, digest, None, self.images.paths[i]
                 img, digest = self.images.read(i)
-            elif self.decoder is not None:
-                x, digest = read_image(self.images.absolute(i), self._decode)
+            elif self.decoder is not None:                  # a file, or SHARD.tar/MEMBER
+                x, digest = read_path(self.images.absolute(i), self._decode)
                 return i, x, digest, None, self.images.paths[i]
             else:
                 img, digest = read_path(self.images.absolute(i))   # a file, or SHARD.tar/MEMBER

@@ -455,14 +455,14 @@ def read_member_at(shard: Path, offset: int, size: int, decode=None):
         raise
 
 
-def read_path(path: Path):
+def read_path(path: Path, decode=None):
     """read_image for a cached row's path: a file, or `SHARD.tar/MEMBER` read from its shard
     (the shard's headers are streamed once per process to find its members; nothing is
-    extracted)."""
+    extracted). `decode` as for `read_image`."""
     path = Path(path)
     shard_text, member = split_member(path.as_posix())
     if member is None or path.exists():
-        return read_image(path)
+        return read_image(path, decode)
     shard = Path(shard_text)
     try:
         found = _index(shard).get(member)
@@ -473,7 +473,7 @@ def read_path(path: Path):
     offset, size, reason = found
     if reason is not None:
         raise BadImageError(reason)
-    return read_member_at(shard, offset, size)
+    return read_member_at(shard, offset, size, decode)
 
 
 def member_paths(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
