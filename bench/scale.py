@@ -34,6 +34,7 @@ medians of per-round ratios.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -165,19 +166,8 @@ def rerun_table(args, tmp: Path) -> None:
 
 
 # A stat-walk of a folder in a fresh Python process: the floor of a re-run launched by a script.
-_STAT_WALK = """
-import os, sys
-n, stack = 0, [sys.argv[1]]
-while stack:
-    with os.scandir(stack.pop()) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-            else:
-                entry.stat()
-                n += 1
-print(n)
-"""
+_STAT_WALK = ("from __future__ import annotations\nimport os, sys\n"
+              + inspect.getsource(listing_floor) + "print(listing_floor(sys.argv[1]))\n")
 # The no-op command in a fresh process, reporting whether it imported torch.
 _NO_OP = """
 import sys

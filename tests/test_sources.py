@@ -5,7 +5,6 @@ Every image is a few pixels, written to tmp_path with Pillow (or by hand).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
@@ -17,20 +16,7 @@ from cache.errors import UserError
 from pipeline.images import BadImageError, read_image
 from pipeline.sources import IMAGE_EXTENSIONS, ImageList, find_images
 
-FORMATS = {".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tiff": "TIFF", ".tif": "TIFF",
-           ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".ppm": "PPM"}
-
-
-def _save(path: Path, color=(255, 0, 0), size=(4, 3), fmt: str | None = None, mode="RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, color).save(path, format=fmt or FORMATS.get(path.suffix.lower(), "PNG"))
-    return path
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from .test_images import FORMATS, _encode, _save
 
 
 # ---------------------------------------------------------------------------
