@@ -212,10 +212,10 @@ def test_mixed_sweep_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--head", "ridge", "--alpha", "0"], "--alpha 0.0: use finite values > 0"),
-    (["--head", "ridge", "--alpha", "1,nan"], "--alpha nan: use finite values > 0"),
-    (["--head", "ridge", "--alpha", "-1"], "--alpha -1.0: use finite values > 0"),
-    (["--head", "lda", "--shrinkage", "1.5"], "--shrinkage 1.5: use finite values in [0, 1]"),
+    (["--head", "ridge", "--alpha", "0"], "--alpha 0.0: use a finite number > 0"),
+    (["--head", "ridge", "--alpha", "1,nan"], "--alpha nan: use a finite number > 0"),
+    (["--head", "ridge", "--alpha", "-1"], "--alpha -1.0: use a finite number > 0"),
+    (["--head", "lda", "--shrinkage", "1.5"], "--shrinkage 1.5: use a finite number in [0, 1]"),
     (["--head", "ridge", "--class-weight", "balanced"], "drop --class-weight"),
 ])
 def test_bad_settings_are_one_line(tmp_path, args, words):
