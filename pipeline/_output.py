@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import time
+import uuid
 from pathlib import Path
 
 from cache import CacheReader, CacheWriter, cache_kind
@@ -216,5 +217,29 @@ def _lock_holder(fd: int) -> str:
     return "pid unknown"
 
 
+def check_shared(output: Path, job) -> None:
+    """Under torchrun (`job`, a `_distributed.Job`), every rank must see the folder of -o (the
+    shards meet there): rank 0 leaves a marker, each rank looks for it."""
+    def marker_for(token: str) -> Path:
+        return output.parent / f".{output.name}.ranks-{token}"
+    if job.lead:
+        token = uuid.uuid4().hex
+        marker_for(token).touch()          # before the others learn its name
+    marker = marker_for(job.gather(token if job.lead else None)[0])
+    try:
+        job.step("checking the output folder", lambda: None if marker.exists() else _unseen(
+            output))
+    finally:
+        if job.lead:
+            marker.unlink(missing_ok=True)
+
+
+def _unseen(output: Path):
+    raise UserError(f"{socket.gethostname()} does not see rank 0's files in {output.parent}: "
+                    "with several nodes, -o must be on a filesystem every node sees (NFS, "
+                    "Lustre, ...)")
+
+
 __all__ = ["OutputLock", "check_not_an_input", "check_output", "check_output_name",
-           "check_replaceable", "dropped_if_empty", "open_lock_file", "own_plain_file"]
+           "check_replaceable", "check_shared", "dropped_if_empty", "open_lock_file",
+           "own_plain_file"]

@@ -27,10 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,7 +46,7 @@ from ._version import __version__
 from .config import DEFAULT_SPEC, ExtractConfig, split_layers, validate
 from ._distributed import Job
 from ._output import (OutputLock, check_not_an_input, check_output, check_output_name,
-                      check_replaceable, dropped_if_empty)
+                      check_replaceable, check_shared, dropped_if_empty)
 from ._uptodate import device_type, listing, precision_for, settled, versions
 from .sources import ImageList, find_images, is_shard_source
 
@@ -130,7 +128,7 @@ def _extract(source: Path, output: Path, config: ExtractConfig, job: Job) -> Ext
     images, device, precision = job.step("checking the input", lambda: _prepare(
         source, output, config, job))
     if job.distributed:
-        _check_shared(output, job)
+        check_shared(output, job)
     build = _Build(config, device)
     try:
         return _plan_and_run(source, output, config, job, t0, images, device, precision, build)
@@ -291,29 +289,6 @@ def _prepare(source: Path, output: Path, config: ExtractConfig, job: Job):
         device = resolve_device(job.device(config.device))
         return images, device, precision_for(config.precision, device.type)
     return images, device, precision_for(config.precision, device)
-
-
-def _check_shared(output: Path, job: Job) -> None:
-    """Every rank must see the folder of -o (the shards meet there): rank 0 leaves a marker,
-    each rank looks for it."""
-    def marker_for(token: str) -> Path:
-        return output.parent / f".{output.name}.ranks-{token}"
-    if job.lead:
-        token = uuid.uuid4().hex
-        marker_for(token).touch()          # before the others learn its name
-    marker = marker_for(job.gather(token if job.lead else None)[0])
-    try:
-        job.step("checking the output folder", lambda: None if marker.exists() else _unseen(
-            output))
-    finally:
-        if job.lead:
-            marker.unlink(missing_ok=True)
-
-
-def _unseen(output: Path):
-    raise UserError(f"{socket.gethostname()} does not see rank 0's files in {output.parent}: "
-                    "with several nodes, -o must be on a filesystem every node sees (NFS, "
-                    "Lustre, ...)")
 
 
 def _open_all(output: Path, manifest: dict | None, overwrite: bool) -> list:
