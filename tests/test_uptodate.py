@@ -56,7 +56,7 @@ def test_an_up_to_date_rerun_imports_no_torch(tmp_path):
     # A changed image is work: only its row is computed, with the model (and torch).
     (images / "cat" / "000.png").write_bytes((images / "dog" / "001.png").read_bytes())
     changed = _cli("extract", str(images), "-o", str(out), *ARGS)
-    assert "6 rows (1 computed, 5 reused, 1 dropped)" in changed["output"]
+    assert "6 rows (1 computed, 5 reused, 0 dropped, 1 changed)" in changed["output"]
     assert "torch" in changed["heavy"]
 
 
