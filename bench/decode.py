@@ -13,7 +13,6 @@ image's feature row (median and max).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -24,7 +23,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo, not bench/, on the path
-from bench._common import add_threads_option, alternate, apply_threads, machine, median, paired, quiet, table  # noqa: E402,E501
+from bench._common import (alternate, apply_threads, bench_parser, machine, median,  # noqa: E402
+                           paired, quiet, table)
 from pipeline._decode import Decoder  # noqa: E402
 from pipeline.backbone import build_backbone  # noqa: E402
 from pipeline.images import read_image  # noqa: E402
@@ -80,13 +80,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = bench_parser(__doc__, repeats=3)
     ap.add_argument("--images", type=int, default=64, help="500x375 JPEGs timed")
     ap.add_argument("--large", type=int, default=4, help="12 MP JPEGs timed")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backbones", default="resnet50,vgg16")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-decode"))
-    add_threads_option(ap)
     args = ap.parse_args()
     apply_threads(args)
     quiet()
