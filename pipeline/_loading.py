@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -12,7 +11,7 @@ from cache.errors import UserError
 
 from ._decode import Decoder, gpu_batch
 from .preprocessing import Preprocessing
-from .images import BadImageError, file_digest
+from .images import BadImageError, digest_or_blank
 from .shards import ShardList, read_path
 from .sources import ImageList
 
@@ -83,18 +82,6 @@ def on_device(batch: dict, pre: Preprocessing, device: torch.device) -> dict:
             "paths": [batch["paths"][k] for k in keep],
             "errors": batch["errors"] + [(batch["paths"][k], batch["digests"][k], reason)
                                          for k, reason in bad.items()]}
-
-
-def digest_or_blank(path: Path) -> str:
-    """Content digest, or "" when the file cannot be read (it is retried on every run).
-
-    A FIFO, device or socket gives "" at once: file_digest refuses anything but a regular
-    file before reading, so a listed /dev/zero or a FIFO with no writer cannot hang the run.
-    """
-    try:
-        return file_digest(path)
-    except OSError:
-        return ""
 
 
 def default_workers(workers: int, cuda: bool) -> int:

@@ -164,27 +164,16 @@ def _stat(path: Path) -> tuple[int, int]:
 def _digests(paths: list[Path]) -> list[str]:
     """The content digest of each file ("" for one that cannot be read: it is retried on every
     run), several read at once when there are several."""
+    if not paths:
+        return []
+    from .images import digest_or_blank    # PIL: imported only when a file is read
     if len(paths) < 2:
-        return [_digest_or_blank(p) for p in paths]
+        return [digest_or_blank(p) for p in paths]
     pool = ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(paths), (os.cpu_count() or 1) * 2))
     try:
-        return list(pool.map(_digest_or_blank, paths))
+        return list(pool.map(digest_or_blank, paths))
     finally:   # on Ctrl-C, the files not yet begun are not hashed
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _file_digest(path: Path) -> str:
-    from .images import file_digest    # PIL: imported only when a file is read
-    return file_digest(path)
-
-
-def _digest_or_blank(path: Path) -> str:
-    """Content digest, or "" when the file cannot be read (a FIFO or device gives "" at once:
-    file_digest refuses anything but a regular file before reading)."""
-    try:
-        return _file_digest(path)
-    except OSError:
-        return ""
 
 
 __all__ = ["SETTINGS", "device_type", "gpu_possible", "installed_version", "listing",

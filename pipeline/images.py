@@ -77,6 +77,18 @@ def file_digest(path: Path) -> str:
         return _hash_file(f)[0]
 
 
+def digest_or_blank(path: Path) -> str:
+    """Content digest, or "" when the file cannot be read (it is retried on every run).
+
+    A FIFO, device or socket gives "" at once: file_digest refuses anything but a regular
+    file before reading, so a listed /dev/zero or a FIFO with no writer cannot hang the run.
+    """
+    try:
+        return file_digest(path)
+    except OSError:
+        return ""
+
+
 def open_regular(path: Path) -> io.BufferedReader:
     """Open a regular file for reading; refuse anything else before reading a byte (raises
     NotRegularFileError, an OSError, for a FIFO, device or socket).

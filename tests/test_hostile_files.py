@@ -25,7 +25,8 @@ from PIL import Image, ImageFile
 
 import pipeline.images as images_module
 from cache.errors import UserError
-from pipeline._loading import ImageBatches, digest_or_blank
+from pipeline._loading import ImageBatches
+from pipeline.images import digest_or_blank
 from pipeline.preprocessing import Preprocessing
 from pipeline.images import (BadImageError, NotRegularFileError, decode_image, file_digest,
                              read_image)

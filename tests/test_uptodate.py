@@ -14,6 +14,7 @@ import torchvision
 
 from pipeline import ExtractConfig, extract
 from pipeline import _uptodate
+from pipeline import images as images_mod
 from pipeline.sources import find_images
 
 from .conftest import make_folder
@@ -81,8 +82,8 @@ def test_only_changed_files_are_read(tmp_path, monkeypatch):
     out = tmp_path / "c.h5"
     extract(images, out, CFG)
     read = []
-    digest = _uptodate._file_digest
-    monkeypatch.setattr(_uptodate, "_file_digest", lambda p: read.append(p) or digest(p))
+    digest = images_mod.file_digest       # digest_or_blank's reader
+    monkeypatch.setattr(images_mod, "file_digest", lambda p: read.append(p) or digest(p))
     touched = images / "dog" / "002.png"
     os.utime(touched, ns=(0, 10**18))
     summary = extract(images, out, CFG)
@@ -100,12 +101,12 @@ def test_the_model_is_built_while_images_are_hashed(tmp_path, monkeypatch):
     def slow_build(config):
         building.set()
         return build(config)
-    digest = _uptodate._file_digest
+    digest = images_mod.file_digest
 
     def hash_after_build_began(path):
         overlapped.append(building.wait(timeout=20))   # never set if built only after hashing
         return digest(path)
     monkeypatch.setattr(module, "build_model", slow_build)
-    monkeypatch.setattr(_uptodate, "_file_digest", hash_after_build_began)
+    monkeypatch.setattr(images_mod, "file_digest", hash_after_build_began)
     summary = extract(images, tmp_path / "c.h5", CFG)
     assert summary.computed == 4 and overlapped == [True] * 4
