@@ -164,7 +164,7 @@ class Job:
                 return int(store.add(key, n))
             except RuntimeError as e:    # DistNetworkError: a launcher on another node, or one
                 # killed a moment ago (its sockets close before its children are orphaned)
-                raise self._launcher_gone(str(e).splitlines()[0][:120]) from None
+                raise self._launcher_gone(first_line(e, 120)) from None
         return add
 
     def _launcher_gone(self, why: str) -> UserError:

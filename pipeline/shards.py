@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cache.errors import UserError
+from cache.errors import UserError, first_line
 
 from .images import BadImageError, decode_image, read_image
 from ._shard_names import ShardSet, expand
@@ -227,7 +227,7 @@ def _read_shard(path: Path, rel: str, stat: tuple[int, int], label_key: str) -> 
                         bad_labels[_key(name)] = f"{rel}/{name}: {e}"
     except (tarfile.TarError, OSError, EOFError) as e:
         what = "unreadable" if seen == 0 else f"damaged after {seen} members"
-        out.skipped.append((rel, f"{what} shard ({_tar_reason(e)}): the members before the "
+        out.skipped.append((rel, f"{what} shard ({first_line(e)}): the members before the "
                                  "damage are kept"))
         if current is not None:
             out.skipped.append((current, "truncated member: the shard ends inside it"))
@@ -329,10 +329,6 @@ def _label(f, member: tarfile.TarInfo, label_key: str):
     return value
 
 
-def _tar_reason(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 # ----------------------------------------------------------------------------- reading
 
 _OPEN: dict[str, tuple] = {}    # shard path -> (pid, (dev, ino, size, mtime_ns), descriptor)
@@ -395,7 +391,7 @@ def read_path(path: Path, decode=None):
     try:
         found = _index(shard).get(member)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise BadImageError(f"unreadable shard {shard.name}: {_tar_reason(e)}") from e
+        raise BadImageError(f"unreadable shard {shard.name}: {first_line(e)}") from e
     if found is None:
         raise BadImageError(f"no member {member} in {shard.name}")
     offset, size, reason = found
@@ -419,7 +415,7 @@ def member_paths(source: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
         try:
             index = _index(shard)
         except (tarfile.TarError, OSError, EOFError) as e:
-            skipped.append(((prefix / rel).as_posix(), f"unreadable shard: {_tar_reason(e)}"))
+            skipped.append(((prefix / rel).as_posix(), f"unreadable shard: {first_line(e)}"))
             continue
         for name, (_, _, reason) in sorted(index.items()):
             if _field(name) != "image":
